@@ -1,0 +1,242 @@
+"""Configuration of the hf_fusion seq2seq Transformer core.
+
+One config class describes the vanilla encoder-decoder (enough to express BART, mBART and Marian
+exactly) plus one string key per *seam* where a model family changes it:
+
+    execution plan    ``sharing_strategy`` + ``encoder_unique_layers`` / ``decoder_unique_layers``
+    depth connection  ``depth_connection``
+    encoder memory    ``encoder_memory``
+    output head       ``output_head``
+    auxiliary losses  (reported in the model output's ``loss_terms``; E2S2 wraps the model)
+
+Family configs (EncoderFusion, SurfaceFusion, ...) subclass this one and only change
+``model_type`` and defaults, so every family accepts every core option and the families compose:
+"SurfaceFusion on a recurrently stacked model" is a config, not a fork.
+
+Everything is validated when the config is built, so a bad value fails with the field name and
+the allowed values instead of deep inside ``forward``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
+
+from .sharing import execution_plan
+
+# The allowed values of every seam key. The modeling seam tables must implement exactly these
+# (a test checks it), so adding a variant means: add its key here, its module to the table.
+SEAM_CHOICES: dict[str, tuple[str, ...]] = {
+    "sharing_strategy": ("none", "recurrent", "sequence", "cycle", "cycle_rev"),
+    "depth_connection": ("residual",),
+    "encoder_memory": ("last",),
+    "output_head": ("lm",),
+}
+POSITION_EMBEDDING_TYPES = ("learned", "sinusoidal")
+
+
+def check_choice(cls_name: str, field: str, value: Any, choices: Iterable[Any]) -> None:
+    """Refuse ``value`` unless it is one of ``choices``, naming the field and the choices."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{cls_name}.{field} = {value!r} is not supported; allowed values: {', '.join(map(repr, choices))}.")
+
+
+def check_range(
+    cls_name: str,
+    field: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> None:
+    """Refuse a number outside ``[low, high]`` (bounds optional, open or closed), naming the range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{cls_name}.{field} must be a number, got {value!r}.")
+    too_low = low is not None and (value < low if low_inclusive else value <= low)
+    too_high = high is not None and (value > high if high_inclusive else value >= high)
+    if too_low or too_high:
+        left = "[" if low_inclusive else "("
+        right = "]" if high_inclusive else ")"
+        interval = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+        raise ValueError(f"{cls_name}.{field} = {value!r} is out of range; allowed: {interval}.")
+
+
+def check_positive_int(cls_name: str, field: str, value: Any) -> None:
+    """Refuse anything but an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{cls_name}.{field} must be a positive integer, got {value!r}.")
+
+
+class FusionTransformerConfig(PreTrainedConfig):
+    r"""Configuration of [`FusionTransformerModel`] and its family variants.
+
+    Field names follow BART so that converted checkpoints and HF tooling read them unchanged.
+
+    Args:
+        vocab_size: Size of the shared source/target vocabulary.
+        d_model: Width of every layer.
+        encoder_layers / decoder_layers: Depth of each stack, i.e. the number of *steps* executed;
+            with parameter sharing fewer parameter blocks back those steps.
+        encoder_attention_heads / decoder_attention_heads: Heads per attention; must divide d_model.
+        encoder_ffn_dim / decoder_ffn_dim: Inner width of the feed-forward sub-layers.
+        max_position_embeddings: Longest sequence a stack accepts; longer inputs raise a ValueError.
+        dropout / attention_dropout / activation_dropout: Dropout probabilities in [0, 1).
+        activation_function: Feed-forward activation, any key of ``transformers.activations.ACT2FN``.
+        init_std: Standard deviation of the normal initialisation.
+        scale_embedding: Multiply token embeddings by sqrt(d_model) (Marian, mBART).
+        normalize_before: Pre-norm residual sub-layers (mBART) instead of post-norm (BART, Marian).
+        position_embedding_type: ``"learned"`` (BART's table with its offset of 2) or
+            ``"sinusoidal"`` (Marian's fixed table, not stored in checkpoints).
+        layernorm_embedding: LayerNorm after token + position embeddings (BART, mBART).
+        add_final_layer_norm: LayerNorm at the top of each stack (pre-norm models such as mBART).
+        layer_norm_eps: Epsilon of every LayerNorm.
+        label_smoothing: Label smoothing of the model's own loss. The loss lives in the model (not
+            in the Trainer's label smoother) because output heads such as SurfaceFusion define a
+            loss over several distributions that a logits-only smoother would get wrong.
+        sharing_strategy: Execution plan, which parameter block each depth step runs:
+            ``"none"`` (one block per step), ``"recurrent"`` (one block for every step), or
+            Takase & Kiyono's ``"sequence"``, ``"cycle"``, ``"cycle_rev"``.
+        encoder_unique_layers / decoder_unique_layers: Number of parameter blocks per stack.
+            ``None`` means one per step for ``"none"`` and 1 for ``"recurrent"``; the other
+            strategies need it set explicitly.
+        depth_connection: How sub-layer outputs join the running state (``"residual"``).
+        encoder_memory: What each decoder layer's cross-attention reads (``"last"``: the top
+            encoder layer, as in vanilla seq2seq).
+        output_head: How the top decoder state becomes logits (``"lm"``: the tied LM head).
+    """
+
+    model_type = "fusion_transformer"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    # The key/value cache is sized by ``num_hidden_layers``: one slot per *decoder step*.
+    attribute_map = {
+        "num_attention_heads": "encoder_attention_heads",
+        "hidden_size": "d_model",
+        "num_hidden_layers": "decoder_layers",
+    }
+
+    # --- the vanilla Transformer -----------------------------------------------------------
+    vocab_size: int = 32000
+    d_model: int = 512
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    encoder_attention_heads: int = 8
+    decoder_attention_heads: int = 8
+    encoder_ffn_dim: int = 2048
+    decoder_ffn_dim: int = 2048
+    max_position_embeddings: int = 1024
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    activation_function: str = "gelu"
+    init_std: float = 0.02
+    scale_embedding: bool = False
+    normalize_before: bool = False
+    position_embedding_type: str = "learned"
+    layernorm_embedding: bool = True
+    add_final_layer_norm: bool = False
+    layer_norm_eps: float = 1e-5
+    label_smoothing: float = 0.0
+    use_cache: bool = True
+    is_encoder_decoder: bool = True
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 2
+    decoder_start_token_id: int | None = 2
+    forced_eos_token_id: int | list[int] | None = None
+
+    # --- seam 1: execution plan (cross-layer parameter sharing) -----------------------------
+    sharing_strategy: str = "none"
+    encoder_unique_layers: int | None = None
+    decoder_unique_layers: int | None = None
+
+    # --- seam 2: depth connection ------------------------------------------------------------
+    depth_connection: str = "residual"
+
+    # --- seam 3: encoder memory --------------------------------------------------------------
+    encoder_memory: str = "last"
+
+    # --- seam 4: output head -----------------------------------------------------------------
+    output_head: str = "lm"
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        self.validate_fields()
+        super().__post_init__(**kwargs)
+
+    def validate_fields(self) -> None:
+        """Check every field; raise ValueError naming the field and what is allowed."""
+        name = type(self).__name__
+        for field in (
+            "vocab_size",
+            "d_model",
+            "encoder_layers",
+            "decoder_layers",
+            "encoder_attention_heads",
+            "decoder_attention_heads",
+            "encoder_ffn_dim",
+            "decoder_ffn_dim",
+            "max_position_embeddings",
+        ):
+            check_positive_int(name, field, getattr(self, field))
+        for field in ("encoder_attention_heads", "decoder_attention_heads"):
+            if self.d_model % getattr(self, field):
+                raise ValueError(
+                    f"{name}.d_model = {self.d_model} must be divisible by {field} = {getattr(self, field)}; "
+                    f"allowed {field}: divisors of {self.d_model}."
+                )
+        for field in ("dropout", "attention_dropout", "activation_dropout"):
+            check_range(name, field, getattr(self, field), 0.0, 1.0, high_inclusive=False)
+        check_range(name, "label_smoothing", self.label_smoothing, 0.0, 1.0, high_inclusive=False)
+        check_range(name, "init_std", self.init_std, 0.0, None, low_inclusive=False)
+        check_range(name, "layer_norm_eps", self.layer_norm_eps, 0.0, None, low_inclusive=False)
+        check_choice(name, "activation_function", self.activation_function, sorted(ACT2FN.keys()))
+        check_choice(name, "position_embedding_type", self.position_embedding_type, POSITION_EMBEDDING_TYPES)
+        if self.position_embedding_type == "sinusoidal" and self.d_model % 2:
+            raise ValueError(f"{name}.d_model = {self.d_model} must be even for sinusoidal positions.")
+        for field, choices in SEAM_CHOICES.items():
+            check_choice(name, field, getattr(self, field), choices)
+        self._resolve_unique_layers(name)
+
+    def _resolve_unique_layers(self, name: str) -> None:
+        """Fill in and check the number of parameter blocks of each stack for the sharing strategy."""
+        for stack in ("encoder", "decoder"):
+            field = f"{stack}_unique_layers"
+            depth = getattr(self, f"{stack}_layers")
+            value = getattr(self, field)
+            if value is None:
+                if self.sharing_strategy == "none":
+                    value = depth
+                elif self.sharing_strategy == "recurrent":
+                    value = 1
+                else:
+                    raise ValueError(
+                        f"{name}.{field} must be set for sharing_strategy={self.sharing_strategy!r}; "
+                        f"allowed: an integer from 1 to {stack}_layers = {depth}."
+                    )
+            check_positive_int(name, field, value)
+            if value > depth:
+                raise ValueError(
+                    f"{name}.{field} = {value} exceeds the depth {stack}_layers = {depth}; allowed: 1 to {depth}."
+                )
+            if self.sharing_strategy == "none" and value != depth:
+                raise ValueError(
+                    f"{name}.{field} = {value} needs a sharing_strategy other than 'none' "
+                    f"(with 'none' it must equal {stack}_layers = {depth})."
+                )
+            if self.sharing_strategy == "recurrent" and value != 1:
+                raise ValueError(f"{name}.{field} = {value} contradicts sharing_strategy='recurrent'; allowed: 1.")
+            setattr(self, field, value)
+        # A schedule the layer counts do not admit is refused now, not at model build time.
+        for stack in ("encoder", "decoder"):
+            execution_plan(
+                self.sharing_strategy,
+                getattr(self, f"{stack}_layers"),
+                getattr(self, f"{stack}_unique_layers"),
+                field=f"{name}.{stack}_unique_layers",
+            )
