@@ -1,0 +1,35 @@
+"""Test set-up shared by every test: offline Hub, a private HF cache, tiny models.
+
+Everything here runs offline: ``HF_HUB_OFFLINE=1`` is set before huggingface_hub is imported and
+each test session gets its own ``HF_HOME`` so remote-code modules of one run never leak into
+another.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+_HF_HOME = tempfile.mkdtemp(prefix="hf_fusion_tests_hf_home_")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_MODULES_CACHE"] = os.path.join(_HF_HOME, "modules")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.helpers import TINY  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny() -> dict:
+    """Keyword arguments of a tiny config: width 16, 2+2 layers, vocab 100."""
+    return dict(TINY)
