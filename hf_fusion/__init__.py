@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
+from .configuration_depthwise_lstm import DepthwiseLSTMConfig
 from .configuration_fusion_transformer import FusionTransformerConfig
 from .modeling_fusion_transformer import (
     FusionTransformerForConditionalGeneration,
     FusionTransformerModel,
     FusionTransformerPreTrainedModel,
 )
+from .modeling_depthwise_lstm import DepthwiseLSTMForConditionalGeneration, DepthwiseLSTMModel
 
 # (config class, base model class, LM class) of every model family.
 MODEL_FAMILIES = {
@@ -24,6 +26,7 @@ MODEL_FAMILIES = {
         FusionTransformerModel,
         FusionTransformerForConditionalGeneration,
     ),
+    DepthwiseLSTMConfig.model_type: (DepthwiseLSTMConfig, DepthwiseLSTMModel, DepthwiseLSTMForConditionalGeneration),
 }
 
 
@@ -48,4 +51,7 @@ __all__ = [
     "FusionTransformerPreTrainedModel",
     "FusionTransformerForConditionalGeneration",
     "convert_from_pretrained",
+    "DepthwiseLSTMConfig",
+    "DepthwiseLSTMModel",
+    "DepthwiseLSTMForConditionalGeneration",
 ]

@@ -34,6 +34,7 @@ from transformers.utils import can_return_tuple
 
 from .configuration_fusion_transformer import SEAM_CHOICES, FusionTransformerConfig
 from .connections import RESIDUAL, ConnectionSpec
+from .depthwise_lstm import DEPTHWISE_LSTM
 from .heads import LMHead
 from .layers import (
     ScaledWordEmbedding,
@@ -47,7 +48,7 @@ from .memory import LastLayerMemory
 from .sharing import execution_plan
 
 # --- seam tables: config key -> implementation (keys must equal SEAM_CHOICES) ------------------
-DEPTH_CONNECTIONS: dict[str, ConnectionSpec] = {"residual": RESIDUAL}
+DEPTH_CONNECTIONS: dict[str, ConnectionSpec] = {"residual": RESIDUAL, "depthwise_lstm": DEPTHWISE_LSTM}
 ENCODER_MEMORIES: dict[str, type[nn.Module]] = {"last": LastLayerMemory}
 OUTPUT_HEADS: dict[str, type[nn.Module]] = {"lm": LMHead}
 SEAM_TABLES = {
