@@ -66,7 +66,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-size", type=int, default=256, help="validation pairs per evaluation")
     parser.add_argument(
         "--control-layers", type=int, default=6,
-        help="also train a shallow residual post-norm control of this depth (0: none), to show what a healthy model reaches",
+        help="also train a shallow residual post-norm control of this depth (0: none): what a healthy model reaches",
     )
     parser.add_argument("--max-minutes", type=float, default=18.0, help="wall-clock cap for training all models")
     parser.add_argument("--seed", type=int, default=0)
@@ -162,7 +162,7 @@ def main() -> None:
     tokenizer, train, validation = encode_corpus(args)
     vocab_size, pad_id = len(tokenizer), tokenizer.pad_token_id
     unigram = unigram_cross_entropy(train, validation, vocab_size)
-    print(f"data: {len(train)} train / {len(validation)} eval pairs, vocab {vocab_size}, unigram CE {unigram:.3f}", flush=True)
+    print(f"data: {len(train)} train / {len(validation)} eval pairs, vocab {vocab_size}, unigram CE {unigram:.3f}")
 
     order = list(range(len(train)))
     random.Random(args.seed).shuffle(order)
@@ -263,7 +263,8 @@ def main() -> None:
     (args.out_dir / "deep_convergence.json").write_text(json.dumps(report, indent=2))
     write_markdown(report, args.out_dir / "deep_convergence.md")
     plot(report, args.out_dir / "deep_convergence.png")
-    print(json.dumps({n: {k: r[k] for k in ("final_validation_loss", "converged", "seconds_per_step")} for n, r in results.items()}))
+    summary_keys = ("final_validation_loss", "converged", "seconds_per_step")
+    print(json.dumps({name: {key: r[key] for key in summary_keys} for name, r in results.items()}))
 
 
 def write_markdown(report: dict, path: Path) -> None:
@@ -271,8 +272,9 @@ def write_markdown(report: dict, path: Path) -> None:
     lines = [
         "# Deep convergence: residual post-norm vs depth-wise LSTM",
         "",
-        f"{args['layers']} encoder + {args['layers']} decoder layers, d_model {args['d_model']}, {args['heads']} heads, "
-        f"Ding En->De ({report['train_pairs']} training pairs, vocab {report['vocab_size']}), batch {args['batch_size']}, "
+        f"{args['layers']} encoder + {args['layers']} decoder layers, d_model {args['d_model']}, "
+        f"{args['heads']} heads, Ding En->De ({report['train_pairs']} training pairs, vocab {report['vocab_size']}), "
+        f"batch {args['batch_size']}, "
         f"Adam lr {args['lr']} ({args['warmup']} warmup steps, then inverse sqrt), dropout {args['dropout']}, "
         f"seed {args['seed']}, {report['steps_done']} steps each, {report['machine']}. Produced by "
         "`benchmarks/deep_convergence.py`; raw numbers in `deep_convergence.json`.",
@@ -280,7 +282,8 @@ def write_markdown(report: dict, path: Path) -> None:
         f"Unigram baseline (target token frequencies): {report['unigram_cross_entropy']:.3f} nats/token. "
         f"Criterion: {report['criterion']}.",
         "",
-        "| model | parameters | first logged train loss | last logged train loss | final validation loss | converged | s/step |",
+        "| model | parameters | first logged train loss | last logged train loss | final validation loss "
+        "| converged | s/step |",
         "| --- | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for name, r in report["results"].items():
@@ -288,7 +291,8 @@ def write_markdown(report: dict, path: Path) -> None:
         last = r["train"][-1]["loss"] if r["train"] else float("nan")
         lines.append(
             f"| {name} | {r['parameters']:,} | {first:.3f} | {last:.3f} | {r['final_validation_loss']:.3f} | "
-            f"{'yes' if r['converged'] else 'no'}{' (diverged)' if r['diverged'] else ''} | {r['seconds_per_step']:.2f} |"
+            f"{'yes' if r['converged'] else 'no'}{' (diverged)' if r['diverged'] else ''} "
+            f"| {r['seconds_per_step']:.2f} |"
         )
     lines.append("")
     path.write_text("\n".join(lines))
@@ -308,10 +312,14 @@ def plot(report: dict, path: Path) -> None:
             [e["step"] for e in r["validation"]], [e["loss"] for e in r["validation"]], "o--",
             color=line.get_color(), label=f"{name} (validation)",
         )
-        ax_grad.semilogy(steps, [e["grad_norm_encoder_layer0"] for e in r["train"]], color=line.get_color(), label=f"{name}: encoder layer 0")
-        ax_grad.semilogy(steps, [e["grad_norm_decoder_top_layer"] for e in r["train"]], ":", color=line.get_color(), label=f"{name}: top decoder layer")
+        color = line.get_color()
+        bottom = [e["grad_norm_encoder_layer0"] for e in r["train"]]
+        top = [e["grad_norm_decoder_top_layer"] for e in r["train"]]
+        ax_grad.semilogy(steps, bottom, color=color, label=f"{name}: encoder layer 0")
+        ax_grad.semilogy(steps, top, ":", color=color, label=f"{name}: top decoder layer")
     ax_loss.axhline(report["unigram_cross_entropy"], color="grey", linestyle=":", label="unigram baseline")
-    ax_loss.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=f"{report['args']['layers']}+{report['args']['layers']} layers, d_model {report['args']['d_model']}")
+    depth, width = report["args"]["layers"], report["args"]["d_model"]
+    ax_loss.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=f"{depth}+{depth} layers, d_model {width}")
     ax_grad.set(xlabel="step", ylabel="gradient norm", title="gradient reaching the bottom / top layer")
     ax_loss.legend(fontsize=8)
     ax_grad.legend(fontsize=8)

@@ -62,7 +62,10 @@ def reference_step(
     normed = [z * cell.norm.weight[k] + cell.norm.bias[k] for k, z in enumerate(normed)]
     input_gate, forget_gate, output_gate = (1.0 / (1.0 + torch.exp(-z)) for z in normed[:3])
     z = normed[3]
-    candidate = torch.where(z > 0, z, torch.zeros_like(z)) if activation == "relu" else 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
+    if activation == "relu":
+        candidate = torch.where(z > 0, z, torch.zeros_like(z))
+    else:
+        candidate = 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
     c_new = forget_gate * c + input_gate * candidate
     return output_gate * c_new, c_new
 
@@ -286,7 +289,8 @@ def test_roundtrip_in_clean_process(tmp_path) -> None:
     folder = assert_roundtrip_in_clean_process(model, tmp_path)
     saved = json.loads((folder / "config.json").read_text())
     assert saved["model_type"] == "depthwise_lstm"
-    assert (saved["dlstm_decoder_mode"], saved["dlstm_gate_norm"], saved["dlstm_activation"]) == ("concat", "joint", "gelu")
+    options = (saved["dlstm_decoder_mode"], saved["dlstm_gate_norm"], saved["dlstm_activation"])
+    assert options == ("concat", "joint", "gelu")
     assert (folder / "depthwise_lstm.py").exists()
 
 
@@ -296,7 +300,8 @@ def test_seq2seq_trainer_reduces_the_loss(tmp_path) -> None:
     rows = []
     for _ in range(32):
         ids = torch.randint(5, 15, (6,))
-        rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.cat([ids, torch.tensor([2])])})
+        labels = torch.cat([ids, torch.tensor([2])])
+        rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     args = Seq2SeqTrainingArguments(
         output_dir=str(tmp_path),
         max_steps=12,
