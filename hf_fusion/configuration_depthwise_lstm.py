@@ -26,6 +26,7 @@ class DepthwiseLSTMConfig(FusionTransformerConfig):
         dlstm_decoder_mode: ``"per_sublayer"`` (default) or ``"concat"``.
         dlstm_gate_norm: ``"per_gate"`` (default) or ``"joint"``.
         dlstm_activation: ``"relu"`` (default) or ``"gelu"``.
+        dlstm_candidate: ``"linear"`` (default) or ``"ffn"``.
         add_final_layer_norm: Defaults to ``True`` here.
 
     Example: recurrent stacking of one depth-wise LSTM layer::

@@ -41,6 +41,7 @@ POSITION_EMBEDDING_TYPES = ("learned", "sinusoidal")
 DLSTM_DECODER_MODES = ("per_sublayer", "concat")
 DLSTM_GATE_NORMS = ("per_gate", "joint")
 DLSTM_ACTIVATIONS = ("relu", "gelu")
+DLSTM_CANDIDATES = ("linear", "ffn")
 
 
 def check_choice(cls_name: str, field: str, value: Any, choices: Iterable[Any]) -> None:
@@ -115,11 +116,14 @@ class FusionTransformerConfig(PreTrainedConfig):
         dlstm_decoder_mode: Depth-wise LSTM decoder wiring: ``"per_sublayer"`` (one LSTM step after
             self-attention, another after cross-attention) or ``"concat"`` (one step on both
             sub-layers' outputs concatenated).
-        dlstm_gate_norm: LayerNorm of the LSTM pre-activations: ``"per_gate"`` (each of the three
-            gates and the candidate normalised on its own) or ``"joint"`` (all 4·d together, as
-            the authors' Neutron cell does).
+        dlstm_gate_norm: LayerNorm of the LSTM pre-activations: ``"per_gate"`` (each gate, and
+            the ``"linear"`` candidate, normalised on its own over d) or ``"joint"`` (all of them
+            together, as the authors' Neutron cells do).
         dlstm_activation: Activation of the LSTM candidate (the feed-forward's role): ``"relu"``
             or ``"gelu"``.
+        dlstm_candidate: How the LSTM candidate is computed: ``"linear"`` (``act(LN(W x + b))``,
+            the equation of METHODS.md) or ``"ffn"`` (``W_2 act(LN(W_1 x + b_1)) + b_2`` with
+            inner width ``encoder_ffn_dim`` / ``decoder_ffn_dim``, as Neutron's cell does).
         encoder_memory: What each decoder layer's cross-attention reads (``"last"``: the top
             encoder layer, as in vanilla seq2seq).
         output_head: How the top decoder state becomes logits (``"lm"``: the tied LM head).
@@ -175,6 +179,7 @@ class FusionTransformerConfig(PreTrainedConfig):
     dlstm_decoder_mode: str = "per_sublayer"
     dlstm_gate_norm: str = "per_gate"
     dlstm_activation: str = "relu"
+    dlstm_candidate: str = "linear"
 
     # --- seam 3: encoder memory --------------------------------------------------------------
     encoder_memory: str = "last"
@@ -221,6 +226,7 @@ class FusionTransformerConfig(PreTrainedConfig):
         check_choice(name, "dlstm_decoder_mode", self.dlstm_decoder_mode, DLSTM_DECODER_MODES)
         check_choice(name, "dlstm_gate_norm", self.dlstm_gate_norm, DLSTM_GATE_NORMS)
         check_choice(name, "dlstm_activation", self.dlstm_activation, DLSTM_ACTIVATIONS)
+        check_choice(name, "dlstm_candidate", self.dlstm_candidate, DLSTM_CANDIDATES)
         if self.depth_connection == "depthwise_lstm" and self.normalize_before:
             # The LSTM cell normalises its own pre-activations; a pre-norm flag would silently do nothing.
             raise ValueError(

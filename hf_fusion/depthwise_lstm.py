@@ -15,12 +15,17 @@ absorbed into the LSTM cell, so a layer is "pure attention + one depth-wise LSTM
     c = f * c_prev + i * c_hat
     h = o * c                                     # no tanh on the cell output
 
+(``dlstm_candidate = "linear"``, METHODS.md). ``dlstm_candidate = "ffn"`` computes the candidate
+as Neutron's cell does, with a whole feed-forward network: ``c_hat = W_2 act(LN(W_1 x + b_1)) + b_2``
+(inner width ``encoder_ffn_dim`` / ``decoder_ffn_dim``); the gates are then the only blocks of the
+pre-activation LayerNorm.
+
 - Encoder layer: ``a = SelfAttn(h_prev)``, then one step.
 - Decoder layer (``dlstm_decoder_mode``):
   ``"per_sublayer"``: ``a = SelfAttn(h_prev)``, a step; ``b = CrossAttn(h)``, another step.
   ``"concat"``: ``a = SelfAttn(h_prev)``, ``b = CrossAttn(a)``, one step on ``x = [a ; b ; h_prev]``.
-- No residual addition and no LayerNorm outside the cell: the only LayerNorm inside a layer is
-  the cell's pre-activation norm. The attention modules are the core's ``FusionAttention``, so
+- No residual addition and no LayerNorm outside the cell: every LayerNorm of a layer belongs to
+  its LSTM cell. The attention modules are the core's ``FusionAttention``, so
   keys/values are cached per depth step exactly as in the residual model.
 
 Where it plugs in. :class:`DepthwiseLSTMConnection` is the stack-level connection object. The
@@ -41,9 +46,18 @@ Choices and defaults (the paper leaves these open; each is a config field):
   offered because Neutron also has a dual-input cell for it. In ``"concat"`` the cross-attention
   queries with the self-attention output, keeping the sub-layers cascaded (unconfirmed).
 - ``dlstm_gate_norm = "per_gate"`` by default, as METHODS.md writes the equations (one LN per
-  gate and one for the candidate, each over d). ``"joint"`` normalises the 4·d pre-activations
-  together, as Neutron's ``LayerNorm((4, d))`` does. Both keep a (4, d) scale and shift, so the
-  checkpoint layout is the same.
+  gate and one for the candidate, each over d). ``"joint"`` normalises the 4·d (3·d with the
+  ``"ffn"`` candidate) pre-activations together, as Neutron's ``LayerNorm((4, d))`` /
+  ``LayerNorm((3, d))`` do. Both keep a (blocks, d) scale and shift, so the checkpoint layout is
+  the same.
+- ``dlstm_candidate = "linear"`` by default, the single projection of METHODS.md. Caveat for deep
+  stacks: a ReLU candidate is non-negative, so the cell ``c`` sums non-negative vectors over depth
+  and drifts towards one shared direction. In a freshly initialised 24+24-layer model (d_model
+  64) the decoder outputs of different tokens have mean cosine similarity 0.97 (residual: 0.04;
+  GELU 0.67, ``"ffn"`` 0.65; ``benchmarks/results/dlstm_init_diagnostic.md``), and in
+  ``benchmarks/deep_convergence.py`` that model stayed at the unigram loss while the residual
+  one trained. The ``"ffn"`` candidate is signed (it ends in a linear projection); in the same
+  run it kept improving, though more slowly than the residual model.
 - ``dlstm_activation = "relu"`` by default, the activation of the Transformer-base FFN the
   candidate replaces; ``"gelu"`` is the exact (erf) GELU.
 - Dropout (``config.dropout``) on each attention output before it enters the cell and on the
@@ -51,12 +65,15 @@ Choices and defaults (the paper leaves these open; each is a config field):
 - The depth-wise LSTM family config turns ``add_final_layer_norm`` on: ``h = o * c`` is not
   normalised and the cell state grows with depth, and Neutron normalises the stack output too.
 
-Deviations from Neutron's later cells: their ``LSTMCell4FFN`` computes the candidate with a
-two-layer FFN (2d -> 4d -> d) and normalises only the three gates jointly; here the candidate is
-the single projection of METHODS.md. The encoder layer then has the residual layer's parameter
-count (4d² attention + 8d² cell = 12d²); the decoder has 24d² ("per_sublayer") or 20d²
-("concat") against the residual 16d². Config fields the connection does not use:
-``encoder_ffn_dim``, ``decoder_ffn_dim``, ``activation_function``, ``activation_dropout``;
+Parameters. With the ``"linear"`` candidate an encoder layer has the residual layer's count (4d²
+attention + 8d² cell = 12d²); a decoder layer has 24d² (``"per_sublayer"``) or 20d²
+(``"concat"``) against the residual 16d². The ``"ffn"`` candidate puts a whole FFN (12d² with
+inner width 4d: 2d -> 4d -> d) in every cell while the gates shrink to 6d² (encoder layer: 22d²).
+
+Deviation from Neutron: its attention sub-layers keep a pre-norm residual around the attention
+(``ResSelfAttn``); the paper's "pure attention" description, followed here, has none. Config
+fields the connection does not use: ``activation_function``, and ``encoder_ffn_dim`` /
+``decoder_ffn_dim`` / ``activation_dropout`` unless the candidate is ``"ffn"``;
 ``normalize_before=True`` is refused.
 """
 
@@ -74,20 +91,22 @@ from .configuration_fusion_transformer import FusionTransformerConfig
 from .connections import ConnectionSpec
 from .layers import FusionAttention
 
-NUM_BLOCKS = 4  # pre-activation blocks of one step: input gate, forget gate, output gate, candidate
+GATES = 3  # input, forget and output gate
 
 
 class GateLayerNorm(nn.LayerNorm):
-    """LayerNorm of the ``(..., 4, d)`` LSTM pre-activations with a (4, d) scale and shift.
+    """LayerNorm of the ``(..., num_blocks, d)`` LSTM pre-activations with a (num_blocks, d) scale
+    and shift.
 
     Args:
+        num_blocks: 4 (three gates + the ``"linear"`` candidate) or 3 (the gates only).
         d_model: Width d of each block.
-        joint: Normalise all 4·d values together (Neutron) instead of each block over its d.
+        joint: Normalise all num_blocks·d values together (Neutron) instead of each block over its d.
         eps: LayerNorm epsilon.
     """
 
-    def __init__(self, d_model: int, joint: bool, eps: float):
-        super().__init__((NUM_BLOCKS, d_model), eps=eps)
+    def __init__(self, num_blocks: int, d_model: int, joint: bool, eps: float):
+        super().__init__((num_blocks, d_model), eps=eps)
         self.joint = joint
 
     def forward(self, pre_activations: torch.Tensor) -> torch.Tensor:
@@ -102,19 +121,28 @@ class DepthwiseLSTMCell(nn.Module):
 
     Args:
         config: The model config (``d_model``, ``dlstm_gate_norm``, ``dlstm_activation``,
-            ``dropout``, ``layer_norm_eps``).
+            ``dlstm_candidate``, ``dropout``, ``activation_dropout``, ``layer_norm_eps``).
+        ffn_dim: Inner width of the ``"ffn"`` candidate (the stack's ``*_ffn_dim``).
         num_inputs: Number of d_model-wide sub-layer outputs concatenated before ``h`` (1, or 2
             for the decoder's ``"concat"`` mode).
     """
 
-    def __init__(self, config: FusionTransformerConfig, num_inputs: int = 1):
+    def __init__(self, config: FusionTransformerConfig, ffn_dim: int, num_inputs: int = 1):
         super().__init__()
-        self.d_model = config.d_model
+        d_model, in_dim = config.d_model, (num_inputs + 1) * config.d_model
+        self.d_model = d_model
         self.dropout = config.dropout
-        # One projection for all four blocks: rows [i; f; o; c_hat], each d_model tall.
-        self.proj = nn.Linear((num_inputs + 1) * config.d_model, NUM_BLOCKS * config.d_model)
-        self.norm = GateLayerNorm(config.d_model, config.dlstm_gate_norm == "joint", config.layer_norm_eps)
+        self.activation_dropout = config.activation_dropout
+        self.ffn_candidate = config.dlstm_candidate == "ffn"
+        self.num_blocks = GATES if self.ffn_candidate else GATES + 1
+        # One projection for the gates and the "linear" candidate: rows [i; f; o (; c_hat)], each d tall.
+        self.proj = nn.Linear(in_dim, self.num_blocks * d_model)
+        self.norm = GateLayerNorm(self.num_blocks, d_model, config.dlstm_gate_norm == "joint", config.layer_norm_eps)
         self.activation = ACT2FN[config.dlstm_activation]
+        if self.ffn_candidate:
+            self.fc1 = nn.Linear(in_dim, ffn_dim)
+            self.ffn_layer_norm = nn.LayerNorm(ffn_dim, eps=config.layer_norm_eps)
+            self.fc2 = nn.Linear(ffn_dim, d_model)
 
     def forward(
         self, inputs: Sequence[torch.Tensor], h: torch.Tensor, c: torch.Tensor
@@ -125,9 +153,14 @@ class DepthwiseLSTMCell(nn.Module):
         Returns the new (h, c).
         """
         x = torch.cat([*inputs, h], dim=-1)  # (batch, len, (num_inputs + 1) * d_model)
-        pre = self.norm(self.proj(x).unflatten(-1, (NUM_BLOCKS, self.d_model)))  # (batch, len, 4, d_model)
-        input_gate, forget_gate, output_gate = torch.sigmoid(pre[..., :3, :]).unbind(-2)
-        candidate = self.activation(pre[..., 3, :])
+        pre = self.norm(self.proj(x).unflatten(-1, (self.num_blocks, self.d_model)))  # (batch, len, blocks, d)
+        input_gate, forget_gate, output_gate = torch.sigmoid(pre[..., :GATES, :]).unbind(-2)
+        if self.ffn_candidate:
+            inner = self.activation(self.ffn_layer_norm(self.fc1(x)))  # (batch, len, ffn_dim)
+            inner = nn.functional.dropout(inner, p=self.activation_dropout, training=self.training)
+            candidate = self.fc2(inner)
+        else:
+            candidate = self.activation(pre[..., GATES, :])
         candidate = nn.functional.dropout(candidate, p=self.dropout, training=self.training)
         c = forget_gate * c + input_gate * candidate
         return output_gate * c, c
@@ -151,7 +184,7 @@ class DepthwiseLSTMEncoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.dropout = config.dropout
         self.self_attn = FusionAttention(config, config.encoder_attention_heads)
-        self.lstm = DepthwiseLSTMCell(config)
+        self.lstm = DepthwiseLSTMCell(config, config.encoder_ffn_dim)
 
     def forward(
         self,
@@ -179,10 +212,10 @@ class DepthwiseLSTMDecoderLayer(GradientCheckpointingLayer):
         self.self_attn = FusionAttention(config, config.decoder_attention_heads, is_causal=True)
         self.encoder_attn = FusionAttention(config, config.decoder_attention_heads, is_cross_attention=True)
         if self.per_sublayer:
-            self.self_attn_lstm = DepthwiseLSTMCell(config)
-            self.encoder_attn_lstm = DepthwiseLSTMCell(config)
+            self.self_attn_lstm = DepthwiseLSTMCell(config, config.decoder_ffn_dim)
+            self.encoder_attn_lstm = DepthwiseLSTMCell(config, config.decoder_ffn_dim)
         else:
-            self.lstm = DepthwiseLSTMCell(config, num_inputs=2)
+            self.lstm = DepthwiseLSTMCell(config, config.decoder_ffn_dim, num_inputs=2)
 
     def forward(
         self,

@@ -19,10 +19,12 @@ from hf_fusion.depthwise_lstm import (
     DepthwiseLSTMEncoderLayer,
     GateLayerNorm,
 )
+from hf_fusion.layers import FusionAttention
 from hf_fusion.modeling_fusion_transformer import FusionTransformerForConditionalGeneration
 from tests.helpers import TINY, assert_cached_decoding_matches, assert_roundtrip_in_clean_process, random_batch
 
 GATE_NORMS = ("per_gate", "joint")
+CANDIDATES = ("linear", "ffn")
 ACTIVATIONS = ("relu", "gelu")
 DECODER_MODES = ("per_sublayer", "concat")
 
@@ -42,32 +44,43 @@ def randomize_(module: nn.Module) -> None:
 def reference_step(
     cell: DepthwiseLSTMCell, inputs: list[torch.Tensor], h: torch.Tensor, c: torch.Tensor, joint: bool, activation: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """METHODS.md §4 computed from the cell's weights, block by block, without the module's code."""
+    """METHODS.md §4 computed from the cell's weights, block by block, without the module's code.
+    With the "ffn" candidate: c_hat = W_2 act(LN(W_1 x + b_1)) + b_2 and only the gates are blocks."""
     d = h.shape[-1]
     x = torch.cat([*inputs, h], dim=-1)
     weight, bias = cell.proj.weight, cell.proj.bias
-    blocks = [x @ weight[k * d : (k + 1) * d].T + bias[k * d : (k + 1) * d] for k in range(4)]  # i, f, o, c_hat
+    num_blocks = weight.shape[0] // d  # 4: i, f, o, c_hat ("linear"); 3: i, f, o ("ffn")
+    blocks = [x @ weight[k * d : (k + 1) * d].T + bias[k * d : (k + 1) * d] for k in range(num_blocks)]
     eps = cell.norm.eps
     if joint:
-        stacked = torch.stack(blocks, dim=-2)  # (batch, len, 4, d)
+        stacked = torch.stack(blocks, dim=-2)  # (batch, len, blocks, d)
         mean = stacked.mean(dim=(-2, -1), keepdim=True)
         var = ((stacked - mean) ** 2).mean(dim=(-2, -1), keepdim=True)
         normed = list(((stacked - mean) / torch.sqrt(var + eps)).unbind(-2))
     else:
-        normed = []
-        for z in blocks:
-            mean = z.mean(-1, keepdim=True)
-            var = ((z - mean) ** 2).mean(-1, keepdim=True)
-            normed.append((z - mean) / torch.sqrt(var + eps))
+        normed = [standardize(z, eps) for z in blocks]
     normed = [z * cell.norm.weight[k] + cell.norm.bias[k] for k, z in enumerate(normed)]
     input_gate, forget_gate, output_gate = (1.0 / (1.0 + torch.exp(-z)) for z in normed[:3])
-    z = normed[3]
-    if activation == "relu":
-        candidate = torch.where(z > 0, z, torch.zeros_like(z))
+    if num_blocks == 4:
+        candidate = act(normed[3], activation)
     else:
-        candidate = 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
+        inner = standardize(x @ cell.fc1.weight.T + cell.fc1.bias, cell.ffn_layer_norm.eps)
+        inner = act(inner * cell.ffn_layer_norm.weight + cell.ffn_layer_norm.bias, activation)
+        candidate = inner @ cell.fc2.weight.T + cell.fc2.bias
     c_new = forget_gate * c + input_gate * candidate
     return output_gate * c_new, c_new
+
+
+def standardize(z: torch.Tensor, eps: float) -> torch.Tensor:
+    mean = z.mean(-1, keepdim=True)
+    var = ((z - mean) ** 2).mean(-1, keepdim=True)
+    return (z - mean) / torch.sqrt(var + eps)
+
+
+def act(z: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return torch.where(z > 0, z, torch.zeros_like(z))
+    return 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
 
 
 def all_cells(model: nn.Module) -> list[DepthwiseLSTMCell]:
@@ -77,12 +90,13 @@ def all_cells(model: nn.Module) -> list[DepthwiseLSTMCell]:
 # --- the equations ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("candidate", CANDIDATES)
 @pytest.mark.parametrize("gate_norm", GATE_NORMS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("num_inputs", (1, 2))
-def test_lstm_step_matches_the_equations(gate_norm: str, activation: str, num_inputs: int) -> None:
-    config = tiny_config(dlstm_gate_norm=gate_norm, dlstm_activation=activation)
-    cell = DepthwiseLSTMCell(config, num_inputs=num_inputs).eval()
+def test_lstm_step_matches_the_equations(candidate: str, gate_norm: str, activation: str, num_inputs: int) -> None:
+    config = tiny_config(dlstm_gate_norm=gate_norm, dlstm_activation=activation, dlstm_candidate=candidate)
+    cell = DepthwiseLSTMCell(config, ffn_dim=24, num_inputs=num_inputs).eval()
     randomize_(cell)
     inputs = [torch.randn(3, 5, config.d_model) for _ in range(num_inputs)]
     h, c = torch.randn(3, 5, config.d_model), torch.randn(3, 5, config.d_model)
@@ -94,9 +108,9 @@ def test_lstm_step_matches_the_equations(gate_norm: str, activation: str, num_in
 
 def test_gate_norm_options_differ() -> None:
     """Same weights, per-gate vs joint normalisation: different outputs, so the option is real."""
-    per_gate = DepthwiseLSTMCell(tiny_config(dlstm_gate_norm="per_gate")).eval()
+    per_gate = DepthwiseLSTMCell(tiny_config(dlstm_gate_norm="per_gate"), ffn_dim=32).eval()
     randomize_(per_gate)
-    joint = DepthwiseLSTMCell(tiny_config(dlstm_gate_norm="joint")).eval()
+    joint = DepthwiseLSTMCell(tiny_config(dlstm_gate_norm="joint"), ffn_dim=32).eval()
     joint.load_state_dict(per_gate.state_dict())
     a, h, c = (torch.randn(2, 4, TINY["d_model"]) for _ in range(3))
     assert not torch.allclose(per_gate([a], h, c)[0], joint([a], h, c)[0], atol=1e-3)
@@ -137,21 +151,24 @@ def test_decoder_layer_wiring(mode: str) -> None:
 # --- no residual stream left -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("candidate", CANDIDATES)
 @pytest.mark.parametrize("mode", DECODER_MODES)
-def test_layers_hold_no_residual_norm_or_ffn(mode: str) -> None:
-    """Structure: attention modules and LSTM cells only; the cells' norms are the only LayerNorms."""
-    model = DepthwiseLSTMForConditionalGeneration(tiny_config(dlstm_decoder_mode=mode))
+def test_layers_hold_only_attention_and_cells(mode: str, candidate: str) -> None:
+    """Structure: a layer's children are attention modules and LSTM cells, so every LayerNorm
+    (and, with the "ffn" candidate, every feed-forward weight) sits inside a cell."""
+    model = DepthwiseLSTMForConditionalGeneration(tiny_config(dlstm_decoder_mode=mode, dlstm_candidate=candidate))
     for layer in [*model.model.encoder.layers, *model.model.decoder.layers]:
-        norms = [m for m in layer.modules() if isinstance(m, nn.LayerNorm)]
-        assert norms and all(isinstance(m, GateLayerNorm) for m in norms)
-        assert not any(hasattr(layer, name) for name in ("fc1", "fc2", "self_attn_layer_norm", "final_layer_norm"))
+        kinds = {type(child) for child in layer.children()}
+        assert kinds == {FusionAttention, DepthwiseLSTMCell}, kinds
+        assert any(isinstance(m, GateLayerNorm) for m in layer.modules())
 
 
-@pytest.mark.parametrize("mode", DECODER_MODES)
-def test_closed_output_gates_zero_every_layer_state(mode: str) -> None:
+@pytest.mark.parametrize(("mode", "candidate"), [("per_sublayer", "linear"), ("concat", "ffn")])
+def test_closed_output_gates_zero_every_layer_state(mode: str, candidate: str) -> None:
     """Numerics: with every output gate forced shut (o = sigmoid(-1e4) = 0) every layer's h is
     exactly 0 whatever the input. A residual join would leave ``x + f(x)``, which is not 0."""
-    model = DepthwiseLSTMForConditionalGeneration(tiny_config(dlstm_decoder_mode=mode)).eval()
+    config = tiny_config(dlstm_decoder_mode=mode, dlstm_candidate=candidate)
+    model = DepthwiseLSTMForConditionalGeneration(config).eval()
     randomize_(model)
     with torch.no_grad():
         for cell in all_cells(model):
@@ -203,18 +220,21 @@ def test_hidden_states_expose_h() -> None:
 # --- gradients, caching, sharing, checkpointing ----------------------------------------------
 
 
+@pytest.mark.parametrize("candidate", CANDIDATES)
 @pytest.mark.parametrize("mode", DECODER_MODES)
-def test_gradients_reach_every_gate(mode: str) -> None:
-    model = DepthwiseLSTMForConditionalGeneration(tiny_config(dlstm_decoder_mode=mode)).train()
+def test_gradients_reach_every_gate(mode: str, candidate: str) -> None:
+    config = tiny_config(dlstm_decoder_mode=mode, dlstm_candidate=candidate)
+    model = DepthwiseLSTMForConditionalGeneration(config).train()
     batch = random_batch()
     model(**batch, labels=batch["decoder_input_ids"]).loss.backward()
     d = TINY["d_model"]
     cells = all_cells(model)
     assert len(cells) == 2 + (4 if mode == "per_sublayer" else 2)
     for cell in cells:
-        proj_grad = cell.proj.weight.grad.view(4, d, -1)  # (i, f, o, c_hat) blocks
+        blocks = 4 if candidate == "linear" else 3
+        proj_grad = cell.proj.weight.grad.view(blocks, d, -1)  # (i, f, o[, c_hat]) blocks
         assert (proj_grad.abs().sum(dim=(1, 2)) > 0).all()
-        assert (cell.proj.bias.grad.view(4, d).abs().sum(-1) > 0).all()
+        assert (cell.proj.bias.grad.view(blocks, d).abs().sum(-1) > 0).all()
         assert (cell.norm.weight.grad.abs().sum(-1) > 0).all()
         assert (cell.norm.bias.grad.abs().sum(-1) > 0).all()
     for name, parameter in model.named_parameters():
@@ -222,9 +242,10 @@ def test_gradients_reach_every_gate(mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", DECODER_MODES)
-@pytest.mark.parametrize("gate_norm", GATE_NORMS)
-def test_cached_decoding_matches_full_recomputation(mode: str, gate_norm: str) -> None:
-    model = DepthwiseLSTMForConditionalGeneration(tiny_config(dlstm_decoder_mode=mode, dlstm_gate_norm=gate_norm))
+@pytest.mark.parametrize(("gate_norm", "candidate"), [("per_gate", "linear"), ("joint", "ffn")])
+def test_cached_decoding_matches_full_recomputation(mode: str, gate_norm: str, candidate: str) -> None:
+    config = tiny_config(dlstm_decoder_mode=mode, dlstm_gate_norm=gate_norm, dlstm_candidate=candidate)
+    model = DepthwiseLSTMForConditionalGeneration(config)
     randomize_(model)
     assert_cached_decoding_matches(model, random_batch(tgt_len=7))
 
@@ -283,14 +304,13 @@ def test_family_registration_and_composition() -> None:
 
 
 def test_roundtrip_in_clean_process(tmp_path) -> None:
-    config = tiny_config(dlstm_decoder_mode="concat", dlstm_gate_norm="joint", dlstm_activation="gelu")
-    model = DepthwiseLSTMForConditionalGeneration(config)
+    options = dict(dlstm_decoder_mode="concat", dlstm_gate_norm="joint", dlstm_activation="gelu", dlstm_candidate="ffn")
+    model = DepthwiseLSTMForConditionalGeneration(tiny_config(**options))
     randomize_(model)
     folder = assert_roundtrip_in_clean_process(model, tmp_path)
     saved = json.loads((folder / "config.json").read_text())
     assert saved["model_type"] == "depthwise_lstm"
-    options = (saved["dlstm_decoder_mode"], saved["dlstm_gate_norm"], saved["dlstm_activation"])
-    assert options == ("concat", "joint", "gelu")
+    assert {key: saved[key] for key in options} == options
     assert (folder / "depthwise_lstm.py").exists()
 
 
@@ -329,6 +349,7 @@ def test_seq2seq_trainer_reduces_the_loss(tmp_path) -> None:
         ("dlstm_decoder_mode", "parallel", "'per_sublayer', 'concat'"),
         ("dlstm_gate_norm", "per_block", "'per_gate', 'joint'"),
         ("dlstm_activation", "tanh", "'relu', 'gelu'"),
+        ("dlstm_candidate", "mlp", "'linear', 'ffn'"),
         ("depth_connection", "residual", "'depthwise_lstm'"),
     ],
 )
