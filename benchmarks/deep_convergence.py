@@ -48,6 +48,15 @@ from hf_fusion import (
 from training.data import build_default_corpus
 from training.tokenizer import train_tokenizer
 
+# The deep models this script can train (the shallow control is added with --control-layers).
+VARIANTS = ("residual_postnorm", "depthwise_lstm", "depthwise_lstm_ffn")
+# One colour per model in every plot, so the figures of several runs read alike.
+COLORS = {"residual_postnorm": "tab:blue", "depthwise_lstm": "tab:orange", "depthwise_lstm_ffn": "tab:purple"}
+# Run settings that must agree before results of two runs are shown side by side.
+COMPARABLE = (
+    "layers", "d_model", "heads", "ffn_dim", "vocab_size", "max_len", "batch_size", "lr", "warmup", "dropout", "seed",
+)
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=24, help="encoder layers = decoder layers")
@@ -69,9 +78,23 @@ def parse_args() -> argparse.Namespace:
         help="also train a shallow residual post-norm control of this depth (0: none): what a healthy model reaches",
     )
     parser.add_argument("--max-minutes", type=float, default=18.0, help="wall-clock cap for training all models")
+    parser.add_argument(
+        "--variants", type=lambda text: text.split(","), default=["residual_postnorm", "depthwise_lstm"],
+        help=f"comma-separated deep models to train, from {', '.join(VARIANTS)}",
+    )
+    parser.add_argument("--tag", default="deep_convergence", help="stem of the output file names")
+    parser.add_argument(
+        "--merge", type=Path, nargs="*", default=[],
+        help="result JSONs of earlier runs with the same data, model size, schedule and steps: "
+        "their models are added to this run's table and plot",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
-    return parser.parse_args()
+    args = parser.parse_args()
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; allowed: {', '.join(VARIANTS)}")
+    return args
 
 
 def encode_corpus(args: argparse.Namespace):
@@ -121,13 +144,19 @@ def build_models(args: argparse.Namespace, vocab_size: int) -> dict[str, nn.Modu
         max_position_embeddings=args.max_len,
         dropout=args.dropout,
     )
+    builders = {
+        "residual_postnorm": lambda: FusionTransformerForConditionalGeneration(
+            FusionTransformerConfig(**common, normalize_before=False)
+        ),
+        "depthwise_lstm": lambda: DepthwiseLSTMForConditionalGeneration(DepthwiseLSTMConfig(**common)),
+        "depthwise_lstm_ffn": lambda: DepthwiseLSTMForConditionalGeneration(
+            DepthwiseLSTMConfig(**common, dlstm_candidate="ffn")
+        ),
+    }
     models = {}
-    torch.manual_seed(args.seed)
-    models["residual_postnorm"] = FusionTransformerForConditionalGeneration(
-        FusionTransformerConfig(**common, normalize_before=False)
-    )
-    torch.manual_seed(args.seed)
-    models["depthwise_lstm"] = DepthwiseLSTMForConditionalGeneration(DepthwiseLSTMConfig(**common))
+    for name in args.variants:
+        torch.manual_seed(args.seed)
+        models[name] = builders[name]()
     if args.control_layers:
         torch.manual_seed(args.seed)
         shallow = dict(common, encoder_layers=args.control_layers, decoder_layers=args.control_layers)
@@ -248,7 +277,7 @@ def main() -> None:
     report = {
         "claim": "Xu et al. (arXiv 2007.06257): depth-wise LSTM lets deep Transformers converge",
         "criterion": "converged = final validation CE <= 0.9 x unigram CE of the training targets",
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": json.loads(json.dumps(vars(args), default=str)),
         "steps_done": steps_done,
         "unigram_cross_entropy": unigram,
         "train_pairs": len(train),
@@ -259,12 +288,35 @@ def main() -> None:
         "machine": f"{platform.machine()} CPU, torch threads = {torch.get_num_threads()}",
         "results": results,
     }
+    for path in args.merge:
+        try:
+            merge_earlier_run(report, path)
+        except ValueError as error:  # keep this run's results even if an earlier one does not fit
+            print(f"not merged: {error}", flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "deep_convergence.json").write_text(json.dumps(report, indent=2))
-    write_markdown(report, args.out_dir / "deep_convergence.md")
-    plot(report, args.out_dir / "deep_convergence.png")
+    (args.out_dir / f"{args.tag}.json").write_text(json.dumps(report, indent=2))
+    write_markdown(report, args.out_dir / f"{args.tag}.md")
+    plot(report, args.out_dir / f"{args.tag}.png")
     summary_keys = ("final_validation_loss", "converged", "seconds_per_step")
     print(json.dumps({name: {key: r[key] for key in summary_keys} for name, r in results.items()}))
+
+
+def merge_earlier_run(report: dict, path: Path) -> None:
+    """Add the models of an earlier run to ``report`` after checking that the runs are comparable
+    (same settings, same number of steps, same data and tokenizer as seen by the unigram loss).
+    Batches and initialisations are then identical; dropout masks are not, since models trained
+    in lockstep share the random stream."""
+    earlier = json.loads(path.read_text())
+    for key in COMPARABLE:
+        if str(earlier["args"][key]) != str(report["args"][key]):
+            raise ValueError(f"{path}: {key} = {earlier['args'][key]} differs from this run's {report['args'][key]}.")
+    if earlier["steps_done"] != report["steps_done"]:
+        raise ValueError(f"{path} ran {earlier['steps_done']} steps, this run {report['steps_done']}.")
+    if abs(earlier["unigram_cross_entropy"] - report["unigram_cross_entropy"]) > 1e-9:
+        raise ValueError(f"{path} saw different data or tokenization (unigram CE differs).")
+    for name, result in earlier["results"].items():
+        if name not in report["results"]:
+            report["results"][name] = {**result, "from": str(path)}
 
 
 def write_markdown(report: dict, path: Path) -> None:
@@ -277,7 +329,7 @@ def write_markdown(report: dict, path: Path) -> None:
         f"batch {args['batch_size']}, "
         f"Adam lr {args['lr']} ({args['warmup']} warmup steps, then inverse sqrt), dropout {args['dropout']}, "
         f"seed {args['seed']}, {report['steps_done']} steps each, {report['machine']}. Produced by "
-        "`benchmarks/deep_convergence.py`; raw numbers in `deep_convergence.json`.",
+        f"`benchmarks/deep_convergence.py`; raw numbers in `{args.get('tag', 'deep_convergence')}.json`.",
         "",
         f"Unigram baseline (target token frequencies): {report['unigram_cross_entropy']:.3f} nats/token. "
         f"Criterion: {report['criterion']}.",
@@ -287,6 +339,7 @@ def write_markdown(report: dict, path: Path) -> None:
         "| --- | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for name, r in report["results"].items():
+        name = f"{name} (from `{Path(r['from']).name}`)" if "from" in r else name
         first = r["train"][0]["loss"] if r["train"] else float("nan")
         last = r["train"][-1]["loss"] if r["train"] else float("nan")
         lines.append(
@@ -294,6 +347,9 @@ def write_markdown(report: dict, path: Path) -> None:
             f"{'yes' if r['converged'] else 'no'}{' (diverged)' if r['diverged'] else ''} "
             f"| {r['seconds_per_step']:.2f} |"
         )
+    if any("from" in r for r in report["results"].values()):
+        lines += ["", "Rows marked *from* come from an earlier run (same batches and initialisation); their s/step was "
+                  "measured under that run's machine load."]
     lines.append("")
     path.write_text("\n".join(lines))
 
@@ -307,12 +363,12 @@ def plot(report: dict, path: Path) -> None:
     fig, (ax_loss, ax_grad) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, r in report["results"].items():
         steps = [e["step"] for e in r["train"]]
-        line = ax_loss.plot(steps, [e["loss"] for e in r["train"]], label=f"{name} (train)")[0]
+        color = COLORS.get(name, "tab:green")
+        ax_loss.plot(steps, [e["loss"] for e in r["train"]], color=color, label=f"{name} (train)")
         ax_loss.plot(
             [e["step"] for e in r["validation"]], [e["loss"] for e in r["validation"]], "o--",
-            color=line.get_color(), label=f"{name} (validation)",
+            color=color, label=f"{name} (validation)",
         )
-        color = line.get_color()
         bottom = [e["grad_norm_encoder_layer0"] for e in r["train"]]
         top = [e["grad_norm_decoder_top_layer"] for e in r["train"]]
         ax_grad.semilogy(steps, bottom, color=color, label=f"{name}: encoder layer 0")
