@@ -37,6 +37,18 @@ SEAM_CHOICES: dict[str, tuple[str, ...]] = {
     "output_head": ("lm",),
 }
 POSITION_EMBEDDING_TYPES = ("learned", "sinusoidal")
+# The sizes of the network: positive integers, named as in BART's config.
+SIZE_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "encoder_layers",
+    "decoder_layers",
+    "encoder_attention_heads",
+    "decoder_attention_heads",
+    "encoder_ffn_dim",
+    "decoder_ffn_dim",
+    "max_position_embeddings",
+)
 
 
 def check_choice(cls_name: str, field: str, value: Any, choices: Iterable[Any]) -> None:
@@ -172,17 +184,7 @@ class FusionTransformerConfig(PreTrainedConfig):
     def validate_fields(self) -> None:
         """Check every field; raise ValueError naming the field and what is allowed."""
         name = type(self).__name__
-        for field in (
-            "vocab_size",
-            "d_model",
-            "encoder_layers",
-            "decoder_layers",
-            "encoder_attention_heads",
-            "decoder_attention_heads",
-            "encoder_ffn_dim",
-            "decoder_ffn_dim",
-            "max_position_embeddings",
-        ):
+        for field in SIZE_FIELDS:
             check_positive_int(name, field, getattr(self, field))
         for field in ("encoder_attention_heads", "decoder_attention_heads"):
             if self.d_model % getattr(self, field):
