@@ -188,12 +188,15 @@ def test_loss_matches_independent_cross_entropy_with_label_smoothing_and_item_co
     torch.testing.assert_close(summed, (0.9 * nll + 0.1 * smooth)[keep].sum() / 40)
 
 
-def test_torch_compile_accepts_the_forward():
+def test_torch_compile_captures_the_training_forward_in_one_graph():
     model = tiny_model()
     batch = random_batch()
-    compiled = torch.compile(model, backend="eager", fullgraph=False)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(**batch).logits, model(**batch).logits)
+    labels = batch.pop("decoder_input_ids")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
+    loss = compiled(**batch, labels=labels).loss
+    loss.backward()
+    torch.testing.assert_close(loss, model(**batch, labels=labels).loss)
+    assert model.model.shared.weight.grad is not None
 
 
 def test_tied_embeddings_and_no_duplicate_tensors_in_checkpoint(tmp_path):
