@@ -22,6 +22,7 @@ from training.data import (
     load_parallel_data,
     normalize_for_dedup,
     read_ding_pairs,
+    read_libreoffice_pairs,
     split_pairs,
 )
 
@@ -123,7 +124,7 @@ def test_split_pairs_dedups_before_ranking_and_honours_the_seed() -> None:
 
 
 def test_ding_rejects_bad_options(corpus_root: Path) -> None:
-    with pytest.raises(ValueError, match=r"name='wmt'.*allowed values: \['ding'"):
+    with pytest.raises(ValueError, match=r"name='wmt'.*allowed values: \['ding', 'libreoffice'\]"):
         build_default_corpus("wmt", cache_dir=corpus_root)
     with pytest.raises(ValueError, match="max_pairs must be a positive int"):
         build_default_corpus("ding", cache_dir=corpus_root, max_pairs=0)
@@ -152,6 +153,42 @@ def test_read_ding_pairs_cleaning_rules(tmp_path: Path) -> None:
     assert list(read_ding_pairs(raw)) == [
         ("The house is very old.", "Das Haus ist sehr alt."),
         ("He arrives tomorrow morning.", "Er kommt morgen früh an."),
+    ]
+
+
+_HELP_PAGE = """<!DOCTYPE html>
+<html lang="{lang}"><head><meta charset="utf-8"><title>t</title></head><body>
+<div id="DisplayArea">
+<h1 id="hd_id1" dir="auto">{title}</h1>
+<p id="par_id2" class="paragraph"><a name="x"></a><span class="avis">{sentence}<br></span></p>
+<p id="par_id3">{undo} <span id="swlnsys1" class="switchinline"><span hidden="true" id="MACsys1" class="MAC">{mac}</span><span hidden="true" id="defaultsys1">{ctrl}</span></span>+Z.</p>
+<p id="par_id4">Writer</p>
+<p id="par_id5"></p>
+{extra}
+<div class="embedded"><p id="par_id2">{sentence} (embedded copy)</p></div>
+</div></body></html>
+"""
+
+
+def test_read_libreoffice_pairs_aligns_by_page_and_paragraph_id(tmp_path: Path) -> None:
+    english, german = tmp_path / "en-US" / "text", tmp_path / "de" / "text"
+    for root, values in (
+        (english, dict(lang="en-US", title="Load/Save options", sentence="Specifies general settings.",
+                       undo="Undo with", mac="Command", ctrl="Ctrl", extra='<p id="par_id9">Only English.</p>')),
+        (german, dict(lang="de", title="Laden/Speichern", sentence="Legt allgemeine Einstellungen fest.",
+                      undo="Rückgängig mit", mac="Befehl", ctrl="Strg", extra="")),
+    ):
+        (root / "shared").mkdir(parents=True)
+        (root / "shared" / "page.html").write_text(_HELP_PAGE.format(**values), encoding="utf-8")
+    # A page without a German counterpart contributes nothing.
+    (english / "shared" / "only_en.html").write_text(
+        _HELP_PAGE.format(lang="en-US", title="Lonely", sentence="No partner.", undo="", mac="", ctrl="", extra=""),
+        encoding="utf-8",
+    )
+    assert list(read_libreoffice_pairs(english, german)) == [
+        ("Load/Save options", "Laden/Speichern"),
+        ("Specifies general settings.", "Legt allgemeine Einstellungen fest."),
+        ("Undo with Ctrl+Z.", "Rückgängig mit Strg+Z."),
     ]
 
 

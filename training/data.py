@@ -40,6 +40,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 
 import datasets
@@ -182,6 +183,81 @@ def read_ding_pairs(path: Path) -> Iterator[tuple[str, str]]:
                     yield source, target
 
 
+# HTML elements without an end tag: they must not change the nesting depth.
+_VOID_ELEMENTS = frozenset(
+    {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param", "source", "track", "wbr"}
+)
+
+
+class _HelpPageParser(HTMLParser):
+    """Collects the text of every ``par_id``/``hd_id`` element of one LibreOffice help page.
+
+    Those ids are shared by all languages of a page, which is what aligns the translations.
+    Platform variants (``<span class="switchinline">`` with hidden ``MAC``/``default`` children)
+    keep only the ``default`` one, so "Ctrl+Z" is not rendered as "Command+ZCtrl+Z" or "+Z".
+    """
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.paragraphs: dict[str, str] = {}
+        self._depth = 0
+        self._current: tuple[str, int] | None = None  # (id, depth) of the element being collected
+        self._hidden_depth: int | None = None  # depth of the hidden element being skipped
+        self._text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in _VOID_ELEMENTS:
+            return
+        self._depth += 1
+        attributes = dict(attrs)
+        element_id = attributes.get("id") or ""
+        if self._current is None:
+            if element_id.startswith(("par_id", "hd_id")):
+                self._current, self._text = (element_id, self._depth), []
+        elif self._hidden_depth is None and "hidden" in attributes and not element_id.startswith("default"):
+            self._hidden_depth = self._depth
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in _VOID_ELEMENTS:
+            return
+        if self._hidden_depth == self._depth:
+            self._hidden_depth = None
+        if self._current is not None and self._current[1] == self._depth:
+            # A page that embeds another page's section repeats its ids: keep the first.
+            self.paragraphs.setdefault(self._current[0], " ".join("".join(self._text).split()))
+            self._current = None
+        self._depth -= 1
+
+    def handle_data(self, data: str) -> None:
+        if self._current is not None and self._hidden_depth is None:
+            self._text.append(data)
+
+
+def _help_paragraphs(path: Path) -> dict[str, str]:
+    parser = _HelpPageParser()
+    parser.feed(path.read_text(encoding="utf-8"))
+    parser.close()
+    return parser.paragraphs
+
+
+def read_libreoffice_pairs(english_dir: Path, other_dir: Path) -> Iterator[tuple[str, str]]:
+    """English -> other-language paragraph pairs from two LibreOffice help trees (``help/<lang>/text``).
+
+    Pages pair up by relative path, paragraphs by their ``par_id``/``hd_id``; pairs with an empty
+    side or an untranslated (identical) text are dropped. Files are read in sorted order, so the
+    output is deterministic.
+    """
+    for english_page in sorted(english_dir.rglob("*.html")):
+        other_page = other_dir / english_page.relative_to(english_dir)
+        if not other_page.is_file():
+            continue
+        other = _help_paragraphs(other_page)
+        for paragraph_id, source in _help_paragraphs(english_page).items():
+            target = other.get(paragraph_id)
+            if source and target and source != target:
+                yield source, target
+
+
 @dataclass(frozen=True)
 class CorpusSource:
     """Where a built-in corpus comes from and how its raw files become sentence pairs."""
@@ -200,6 +276,17 @@ BUILTIN_CORPORA: dict[str, CorpusSource] = {
         license="GPL-2.0-or-later",
         packages=(("trans-de-en", "usr/share/trans/de-en"),),
         read_pairs=lambda paths: read_ding_pairs(paths[0]),
+        source_lang="en",
+        target_lang="de",
+    ),
+    "libreoffice": CorpusSource(
+        description="LibreOffice help paragraphs (Debian libreoffice-help-en-us/-de), English -> German",
+        license="MPL-2.0",
+        packages=(
+            ("libreoffice-help-en-us", "usr/share/libreoffice/help/en-US/text"),
+            ("libreoffice-help-de", "usr/share/libreoffice/help/de/text"),
+        ),
+        read_pairs=lambda paths: read_libreoffice_pairs(paths[0], paths[1]),
         source_lang="en",
         target_lang="de",
     ),
