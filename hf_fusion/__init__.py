@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
+from .configuration_encoder_fusion import EncoderFusionConfig
 from .configuration_fusion_transformer import FusionTransformerConfig
+from .modeling_encoder_fusion import EncoderFusionForConditionalGeneration, EncoderFusionModel
 from .modeling_fusion_transformer import (
     FusionTransformerForConditionalGeneration,
     FusionTransformerModel,
@@ -23,6 +25,11 @@ MODEL_FAMILIES = {
         FusionTransformerConfig,
         FusionTransformerModel,
         FusionTransformerForConditionalGeneration,
+    ),
+    EncoderFusionConfig.model_type: (
+        EncoderFusionConfig,
+        EncoderFusionModel,
+        EncoderFusionForConditionalGeneration,
     ),
 }
 
@@ -47,5 +54,8 @@ __all__ = [
     "FusionTransformerModel",
     "FusionTransformerPreTrainedModel",
     "FusionTransformerForConditionalGeneration",
+    "EncoderFusionConfig",
+    "EncoderFusionModel",
+    "EncoderFusionForConditionalGeneration",
     "convert_from_pretrained",
 ]

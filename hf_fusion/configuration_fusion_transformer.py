@@ -32,8 +32,8 @@ from .sharing import execution_plan
 # (a test checks it), so adding a variant means: add its key here, its module to the table.
 SEAM_CHOICES: dict[str, tuple[str, ...]] = {
     "sharing_strategy": ("none", "recurrent", "sequence", "cycle", "cycle_rev"),
-    "depth_connection": ("residual",),
-    "encoder_memory": ("last",),
+    "depth_connection": ("residual", "dlcl"),
+    "encoder_memory": ("last", "transparent", "fine_grained"),
     "output_head": ("lm",),
 }
 POSITION_EMBEDDING_TYPES = ("learned", "sinusoidal")
@@ -49,6 +49,9 @@ SIZE_FIELDS = (
     "decoder_ffn_dim",
     "max_position_embeddings",
 )
+# Per layer-fusion memory: the ``fusion_dropout`` a config gets when it leaves the field unset
+# (Lingvo's transparent-merger default; the 0.3 of all of Liu et al.'s experiments).
+FUSION_DROPOUT_DEFAULTS: dict[str, float] = {"transparent": 0.1, "fine_grained": 0.3}
 
 
 def check_choice(cls_name: str, field: str, value: Any, choices: Iterable[Any]) -> None:
@@ -117,9 +120,20 @@ class FusionTransformerConfig(PreTrainedConfig):
         encoder_unique_layers / decoder_unique_layers: Number of parameter blocks per stack.
             ``None`` means one per step for ``"none"`` and 1 for ``"recurrent"``; the other
             strategies need it set explicitly.
-        depth_connection: How sub-layer outputs join the running state (``"residual"``).
+        depth_connection: How sub-layer outputs join the running state (``"residual"``), or
+            ``"dlcl"``: each layer's input is a learned linear combination of all earlier layers'
+            outputs (Wang et al. 2019), in encoder and decoder.
         encoder_memory: What each decoder layer's cross-attention reads (``"last"``: the top
-            encoder layer, as in vanilla seq2seq).
+            encoder layer, as in vanilla seq2seq; ``"transparent"``: a softmax-weighted sum of all
+            encoder layers per decoder layer, Bapna et al. 2018; ``"fine_grained"``: the same with
+            one weight per dimension, Liu et al. 2021).
+        fusion_dropout: Dropout on the layer-fusion weights before their softmax (DropConnect), and
+            for ``"fine_grained"`` also on the fused memory. ``None`` means the memory's default:
+            0.1 for ``"transparent"`` (Lingvo), 0.3 for ``"fine_grained"`` (the paper). Only valid
+            with a fusing ``encoder_memory``.
+        fusion_embedding_layer_norm: LayerNorm on the embedding layer before it is fused. ``None``
+            means the memory's default: on for ``"transparent"``; for ``"fine_grained"`` on in
+            post-norm models only, as in the official code. Only valid with a fusing ``encoder_memory``.
         output_head: How the top decoder state becomes logits (``"lm"``: the tied LM head).
     """
 
@@ -173,6 +187,8 @@ class FusionTransformerConfig(PreTrainedConfig):
 
     # --- seam 3: encoder memory --------------------------------------------------------------
     encoder_memory: str = "last"
+    fusion_dropout: float | None = None
+    fusion_embedding_layer_norm: bool | None = None
 
     # --- seam 4: output head -----------------------------------------------------------------
     output_head: str = "lm"
@@ -204,6 +220,29 @@ class FusionTransformerConfig(PreTrainedConfig):
         for field, choices in SEAM_CHOICES.items():
             check_choice(name, field, getattr(self, field), choices)
         self._resolve_unique_layers(name)
+        self._resolve_fusion_fields(name)
+
+    def _resolve_fusion_fields(self, name: str) -> None:
+        """Fill in the layer-fusion defaults of the chosen memory; refuse them without fusion."""
+        if self.encoder_memory not in FUSION_DROPOUT_DEFAULTS:
+            for field in ("fusion_dropout", "fusion_embedding_layer_norm"):
+                if getattr(self, field) is not None:
+                    raise ValueError(
+                        f"{name}.{field} = {getattr(self, field)!r} has no effect with encoder_memory = "
+                        f"{self.encoder_memory!r}; allowed: None, or set encoder_memory to one of "
+                        f"{', '.join(map(repr, FUSION_DROPOUT_DEFAULTS))}."
+                    )
+            return
+        if self.fusion_dropout is None:
+            self.fusion_dropout = FUSION_DROPOUT_DEFAULTS[self.encoder_memory]
+        check_range(name, "fusion_dropout", self.fusion_dropout, 0.0, 1.0, high_inclusive=False)
+        if self.fusion_embedding_layer_norm is None:
+            self.fusion_embedding_layer_norm = self.encoder_memory == "transparent" or not self.normalize_before
+        if not isinstance(self.fusion_embedding_layer_norm, bool):
+            raise ValueError(
+                f"{name}.fusion_embedding_layer_norm = {self.fusion_embedding_layer_norm!r} is not supported; "
+                "allowed values: True, False, None."
+            )
 
     def _resolve_unique_layers(self, name: str) -> None:
         """Fill in and check the number of parameter blocks of each stack for the sharing strategy."""

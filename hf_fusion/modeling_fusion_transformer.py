@@ -34,7 +34,7 @@ from transformers import initialization as init
 from transformers.utils import can_return_tuple
 
 from .configuration_fusion_transformer import SEAM_CHOICES, FusionTransformerConfig
-from .connections import RESIDUAL, ConnectionSpec
+from .connections import DLCL, RESIDUAL, ConnectionSpec, DLCLConnection
 from .heads import LMHead
 from .layers import (
     ScaledWordEmbedding,
@@ -44,12 +44,16 @@ from .layers import (
     embedding_scale,
     padding_mask,
 )
-from .memory import LastLayerMemory
+from .memory import FineGrainedLayerAttentionMemory, LastLayerMemory, TransparentAttentionMemory
 from .sharing import execution_plan
 
 # --- seam tables: config key -> implementation (keys must equal SEAM_CHOICES) ------------------
-DEPTH_CONNECTIONS: dict[str, ConnectionSpec] = {"residual": RESIDUAL}
-ENCODER_MEMORIES: dict[str, type[nn.Module]] = {"last": LastLayerMemory}
+DEPTH_CONNECTIONS: dict[str, ConnectionSpec] = {"residual": RESIDUAL, "dlcl": DLCL}
+ENCODER_MEMORIES: dict[str, type[nn.Module]] = {
+    "last": LastLayerMemory,
+    "transparent": TransparentAttentionMemory,
+    "fine_grained": FineGrainedLayerAttentionMemory,
+}
 OUTPUT_HEADS: dict[str, type[nn.Module]] = {"lm": LMHead}
 SEAM_TABLES = {
     "depth_connection": DEPTH_CONNECTIONS,
@@ -138,6 +142,8 @@ class FusionTransformerPreTrainedModel(PreTrainedModel):
             init.copy_(module.weight, module.table())
         if isinstance(module, FusionTransformerForConditionalGeneration):
             init.zeros_(module.final_logits_bias)
+        if isinstance(module, (TransparentAttentionMemory, FineGrainedLayerAttentionMemory, DLCLConnection)):
+            module.reset_parameters()  # the layer-mixing weights' paper initialisations
 
 
 class FusionTransformerEncoder(nn.Module):
