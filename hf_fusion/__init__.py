@@ -11,6 +11,7 @@ from __future__ import annotations
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
 from .configuration_encoder_fusion import EncoderFusionConfig
+from .configuration_depthwise_lstm import DepthwiseLSTMConfig
 from .configuration_fusion_transformer import FusionTransformerConfig
 from .modeling_encoder_fusion import EncoderFusionForConditionalGeneration, EncoderFusionModel
 from .modeling_fusion_transformer import (
@@ -18,6 +19,7 @@ from .modeling_fusion_transformer import (
     FusionTransformerModel,
     FusionTransformerPreTrainedModel,
 )
+from .modeling_depthwise_lstm import DepthwiseLSTMForConditionalGeneration, DepthwiseLSTMModel
 
 # (config class, base model class, LM class) of every model family.
 MODEL_FAMILIES = {
@@ -31,6 +33,7 @@ MODEL_FAMILIES = {
         EncoderFusionModel,
         EncoderFusionForConditionalGeneration,
     ),
+    DepthwiseLSTMConfig.model_type: (DepthwiseLSTMConfig, DepthwiseLSTMModel, DepthwiseLSTMForConditionalGeneration),
 }
 
 
@@ -58,4 +61,7 @@ __all__ = [
     "EncoderFusionModel",
     "EncoderFusionForConditionalGeneration",
     "convert_from_pretrained",
+    "DepthwiseLSTMConfig",
+    "DepthwiseLSTMModel",
+    "DepthwiseLSTMForConditionalGeneration",
 ]

@@ -32,7 +32,7 @@ from .sharing import execution_plan
 # (a test checks it), so adding a variant means: add its key here, its module to the table.
 SEAM_CHOICES: dict[str, tuple[str, ...]] = {
     "sharing_strategy": ("none", "recurrent", "sequence", "cycle", "cycle_rev"),
-    "depth_connection": ("residual", "dlcl"),
+    "depth_connection": ("residual", "dlcl", "depthwise_lstm"),
     "encoder_memory": ("last", "transparent", "fine_grained"),
     "output_head": ("lm",),
 }
@@ -52,6 +52,10 @@ SIZE_FIELDS = (
 # Per layer-fusion memory: the ``fusion_dropout`` a config gets when it leaves the field unset
 # (Lingvo's transparent-merger default; the 0.3 of all of Liu et al.'s experiments).
 FUSION_DROPOUT_DEFAULTS: dict[str, float] = {"transparent": 0.1, "fine_grained": 0.3}
+# Options of the depth-wise LSTM connection (``depth_connection = "depthwise_lstm"``).
+DLSTM_DECODER_MODES = ("per_sublayer", "concat")
+DLSTM_GATE_NORMS = ("per_gate", "joint")
+DLSTM_ACTIVATIONS = ("relu", "gelu")
 
 
 def check_choice(cls_name: str, field: str, value: Any, choices: Iterable[Any]) -> None:
@@ -120,9 +124,19 @@ class FusionTransformerConfig(PreTrainedConfig):
         encoder_unique_layers / decoder_unique_layers: Number of parameter blocks per stack.
             ``None`` means one per step for ``"none"`` and 1 for ``"recurrent"``; the other
             strategies need it set explicitly.
-        depth_connection: How sub-layer outputs join the running state (``"residual"``), or
+        depth_connection: How sub-layer outputs join the running state: ``"residual"``;
             ``"dlcl"``: each layer's input is a learned linear combination of all earlier layers'
-            outputs (Wang et al. 2019), in encoder and decoder.
+            outputs (Wang et al. 2019), in encoder and decoder; or ``"depthwise_lstm"`` (Xu et al.,
+            arXiv 2007.06257: an LSTM across depth replaces the residual stream, LayerNorms and
+            feed-forward; see ``depthwise_lstm.py``).
+        dlstm_decoder_mode: Depth-wise LSTM decoder wiring: ``"per_sublayer"`` (one LSTM step after
+            self-attention, another after cross-attention) or ``"concat"`` (one step on both
+            sub-layers' outputs concatenated).
+        dlstm_gate_norm: LayerNorm of the LSTM pre-activations: ``"per_gate"`` (each of the three
+            gates and the candidate normalised on its own) or ``"joint"`` (all 4·d together, as
+            the authors' Neutron cell does).
+        dlstm_activation: Activation of the LSTM candidate (the feed-forward's role): ``"relu"``
+            or ``"gelu"``.
         encoder_memory: What each decoder layer's cross-attention reads (``"last"``: the top
             encoder layer, as in vanilla seq2seq; ``"transparent"``: a softmax-weighted sum of all
             encoder layers per decoder layer, Bapna et al. 2018; ``"fine_grained"``: the same with
@@ -184,6 +198,9 @@ class FusionTransformerConfig(PreTrainedConfig):
 
     # --- seam 2: depth connection ------------------------------------------------------------
     depth_connection: str = "residual"
+    dlstm_decoder_mode: str = "per_sublayer"
+    dlstm_gate_norm: str = "per_gate"
+    dlstm_activation: str = "relu"
 
     # --- seam 3: encoder memory --------------------------------------------------------------
     encoder_memory: str = "last"
@@ -219,6 +236,15 @@ class FusionTransformerConfig(PreTrainedConfig):
             raise ValueError(f"{name}.d_model = {self.d_model} must be even for sinusoidal positions.")
         for field, choices in SEAM_CHOICES.items():
             check_choice(name, field, getattr(self, field), choices)
+        check_choice(name, "dlstm_decoder_mode", self.dlstm_decoder_mode, DLSTM_DECODER_MODES)
+        check_choice(name, "dlstm_gate_norm", self.dlstm_gate_norm, DLSTM_GATE_NORMS)
+        check_choice(name, "dlstm_activation", self.dlstm_activation, DLSTM_ACTIVATIONS)
+        if self.depth_connection == "depthwise_lstm" and self.normalize_before:
+            # The LSTM cell normalises its own pre-activations; a pre-norm flag would silently do nothing.
+            raise ValueError(
+                f"{name}.normalize_before = True has no meaning with depth_connection='depthwise_lstm' "
+                "(the LSTM cell normalises its own pre-activations); allowed: False."
+            )
         self._resolve_unique_layers(name)
         self._resolve_fusion_fields(name)
 

@@ -35,6 +35,7 @@ from transformers.utils import can_return_tuple
 
 from .configuration_fusion_transformer import SEAM_CHOICES, FusionTransformerConfig
 from .connections import DLCL, RESIDUAL, ConnectionSpec, DLCLConnection
+from .depthwise_lstm import DEPTHWISE_LSTM
 from .heads import LMHead
 from .layers import (
     ScaledWordEmbedding,
@@ -48,7 +49,7 @@ from .memory import FineGrainedLayerAttentionMemory, LastLayerMemory, Transparen
 from .sharing import execution_plan
 
 # --- seam tables: config key -> implementation (keys must equal SEAM_CHOICES) ------------------
-DEPTH_CONNECTIONS: dict[str, ConnectionSpec] = {"residual": RESIDUAL, "dlcl": DLCL}
+DEPTH_CONNECTIONS: dict[str, ConnectionSpec] = {"residual": RESIDUAL, "dlcl": DLCL, "depthwise_lstm": DEPTHWISE_LSTM}
 ENCODER_MEMORIES: dict[str, type[nn.Module]] = {
     "last": LastLayerMemory,
     "transparent": TransparentAttentionMemory,
