@@ -20,6 +20,8 @@ from training.data import (
     SPLITS,
     build_default_corpus,
     corpus_statistics,
+    default_cache_root,
+    fetch_debian_package,
     main,
     load_parallel_data,
     normalize_for_dedup,
@@ -148,6 +150,17 @@ def test_ding_rejects_bad_options(corpus_root: Path) -> None:
         build_default_corpus("ding", cache_dir=corpus_root, max_pairs=0)
     with pytest.raises(ValueError, match="validation_size must be >= 0"):
         build_default_corpus("ding", cache_dir=corpus_root, validation_size=-1)
+
+
+def test_cache_root_and_missing_apt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_FUSION_DATA", str(tmp_path / "corpora"))
+    assert default_cache_root() == tmp_path / "corpora"
+    monkeypatch.delenv("HF_FUSION_DATA")
+    assert default_cache_root() == Path.home() / ".cache" / "hf_fusion" / "corpora"
+    # Without Debian tools the error says what to use instead.
+    monkeypatch.setattr("training.data.shutil.which", lambda name: None)
+    with pytest.raises(RuntimeError, match=r"apt-get/dpkg-deb are not available.*load_parallel_data\(train_file="):
+        fetch_debian_package("trans-de-en", "usr/share/no/such/file", tmp_path)
 
 
 def test_read_ding_pairs_cleaning_rules(tmp_path: Path) -> None:
