@@ -19,6 +19,7 @@ from tests.helpers import TINY, assert_cached_decoding_matches, assert_roundtrip
 
 MODES = ("transparent", "fine_grained", "dlcl")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+OUT_OF_RANGE = r"is out of range; allowed: \[0.0, 1.0\)"
 
 
 def build(fusion_mode: str, **overrides) -> EncoderFusionForConditionalGeneration:
@@ -35,6 +36,12 @@ def randomize(module: torch.nn.Module) -> None:
             parameter.add_(torch.randn_like(parameter) * 0.5)
 
 
+def memory_init_bound(config: EncoderFusionConfig) -> float:
+    """Transparent: +-sqrt(1 / (N + 1)); fine-grained: +-sqrt(2 / (M + N + 1))."""
+    N, M = config.encoder_layers, config.decoder_layers
+    return math.sqrt(1 / (N + 1)) if config.encoder_memory == "transparent" else math.sqrt(2 / (M + N + 1))
+
+
 def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
@@ -46,7 +53,9 @@ def capture_memories(model: EncoderFusionForConditionalGeneration, batch: dict) 
     def hook(module, args, kwargs):
         memories.append(kwargs["key_value_states"])
 
-    handles = [layer.encoder_attn.register_forward_pre_hook(hook, with_kwargs=True) for layer in model.model.decoder.layers]
+    handles = [
+        layer.encoder_attn.register_forward_pre_hook(hook, with_kwargs=True) for layer in model.model.decoder.layers
+    ]
     with torch.no_grad():
         model(**batch, use_cache=False)
     for handle in handles:
@@ -59,7 +68,11 @@ def capture_memories(model: EncoderFusionForConditionalGeneration, batch: dict) 
 
 @pytest.mark.parametrize(
     "fusion_mode, field, value",
-    [("transparent", "encoder_memory", "transparent"), ("fine_grained", "encoder_memory", "fine_grained"), ("dlcl", "depth_connection", "dlcl")],
+    [
+        ("transparent", "encoder_memory", "transparent"),
+        ("fine_grained", "encoder_memory", "fine_grained"),
+        ("dlcl", "depth_connection", "dlcl"),
+    ],
 )
 def test_fusion_mode_maps_onto_its_seam(fusion_mode, field, value):
     config = EncoderFusionConfig(fusion_mode=fusion_mode)
@@ -85,13 +98,19 @@ def test_fusion_defaults_per_mode():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"fusion_mode": "layerwise"}, r"fusion_mode = 'layerwise'.*allowed values: 'transparent', 'fine_grained', 'dlcl'"),
-        ({"fusion_mode": "fine_grained", "fusion_dropout": 1.0}, r"fusion_dropout = 1.0 is out of range; allowed: \[0.0, 1.0\)"),
-        ({"fusion_mode": "transparent", "fusion_dropout": -0.1}, r"fusion_dropout = -0.1 is out of range; allowed: \[0.0, 1.0\)"),
+        ({"fusion_mode": "layerwise"}, r"fusion_mode = 'layerwise'.*allowed values: 'transparent', 'fine_grained'"),
+        ({"fusion_mode": "fine_grained", "fusion_dropout": 1.0}, rf"fusion_dropout = 1.0 {OUT_OF_RANGE}"),
+        ({"fusion_mode": "transparent", "fusion_dropout": -0.1}, rf"fusion_dropout = -0.1 {OUT_OF_RANGE}"),
         ({"fusion_mode": "transparent", "fusion_dropout": "high"}, r"fusion_dropout must be a number"),
         ({"fusion_mode": "dlcl", "fusion_dropout": 0.2}, r"fusion_dropout = 0.2 has no effect.*allowed: None"),
-        ({"fusion_mode": "transparent", "encoder_memory": "fine_grained"}, r"encoder_memory = 'fine_grained' contradicts.*allowed encoder_memory: 'last' or 'transparent'"),
-        ({"fusion_mode": "fine_grained", "fusion_embedding_layer_norm": "yes"}, r"fusion_embedding_layer_norm = 'yes'.*allowed values: True, False, None"),
+        (
+            {"fusion_mode": "transparent", "encoder_memory": "fine_grained"},
+            r"encoder_memory = 'fine_grained' contradicts.*allowed encoder_memory: 'last' or 'transparent'",
+        ),
+        (
+            {"fusion_mode": "fine_grained", "fusion_embedding_layer_norm": "yes"},
+            r"fusion_embedding_layer_norm = 'yes'.*allowed values: True, False, None",
+        ),
     ],
 )
 def test_bad_config_is_refused_with_field_and_allowed_values(kwargs, message):
@@ -116,7 +135,9 @@ def test_transparent_memory_is_softmax_weighted_sum_of_encoder_layers():
     batch = random_batch()
     read = capture_memories(model, batch)
 
-    encoder = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    encoder = model.get_encoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+    )
     layers = list(encoder.hidden_states)  # X^0 .. X^N, each (batch, src_len, d_model)
     layers[0] = layer_norm(layers[0], memory.embedding_layer_norm)  # the LayerNorm on the embedding output
     assert len(read) == model.config.decoder_layers
@@ -138,7 +159,9 @@ def test_fine_grained_memory_is_per_dimension_layer_attention(overrides):
     batch = random_batch()
     read = capture_memories(model, batch)
 
-    encoder = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    encoder = model.get_encoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+    )
     x0 = model.model.shared(batch["input_ids"])  # word embeddings WITHOUT positions
     if model.config.normalize_before:
         assert memory.embedding_layer_norm is None  # the official code normalises X^0 in post-norm models only
@@ -152,7 +175,9 @@ def test_fine_grained_memory_is_per_dimension_layer_attention(overrides):
         torch.testing.assert_close(memory_read, layer_norm(weighted, memory.layer_norm), atol=1e-5, rtol=1e-5)
 
 
-def dlcl_recompute(connection, run_layer, y0: torch.Tensor, num_steps: int, pre_norm: bool) -> tuple[list, torch.Tensor]:
+def dlcl_recompute(
+    connection, run_layer, y0: torch.Tensor, num_steps: int, pre_norm: bool
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """METHODS.md's DLCL with the connection's W and LayerNorms: pre-norm
     x_{l+1} = sum_k W[l, k] LN_k(y_k) (y_0 un-normalised); post-norm x_{l+1} = LN(sum_k W[l, k] y_k)."""
     W = connection.weight
@@ -220,9 +245,13 @@ def test_fusion_dropout_is_dropconnect_in_training_only():
 def test_fused_memory_needs_the_encoder_layer_states():
     model = build("transparent").eval()
     batch = random_batch()
-    encoder_last = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    encoder_last = model.get_encoder()(**{k: batch[k] for k in ("input_ids", "attention_mask")}).last_hidden_state
     with pytest.raises(ValueError, match="layer_states"):
-        model(encoder_outputs=(encoder_last,), attention_mask=batch["attention_mask"], decoder_input_ids=batch["decoder_input_ids"])
+        model(
+            encoder_outputs=(encoder_last,),
+            attention_mask=batch["attention_mask"],
+            decoder_input_ids=batch["decoder_input_ids"],
+        )
 
 
 # --- weights, gradients, parameter counts --------------------------------------------------------
@@ -257,11 +286,11 @@ def test_fusion_weights_shapes_and_normalisation(fusion_mode):
     memory = model.model.decoder.memory
     if fusion_mode == "transparent":
         assert set(weights) == {"encoder_memory"} and memory.weight.shape == (N + 1, M)
-        assert memory.weight.abs().max() <= math.sqrt(1 / (N + 1))
+        assert memory.weight.abs().max() <= memory_init_bound(model.config)
         torch.testing.assert_close(weights["encoder_memory"], torch.softmax(memory.weight, dim=0).T)
     elif fusion_mode == "fine_grained":
         assert set(weights) == {"encoder_memory"} and memory.weight.shape == (M, N + 1, d)
-        assert memory.weight.abs().max() <= math.sqrt(2 / (M + N + 1))
+        assert memory.weight.abs().max() <= memory_init_bound(model.config)
         per_dimension = torch.softmax(memory.weight, dim=1)  # (M, N + 1, d)
         torch.testing.assert_close(per_dimension.sum(dim=1), torch.ones(M, d))
         torch.testing.assert_close(weights["encoder_memory"], per_dimension.mean(dim=-1))
@@ -274,6 +303,30 @@ def test_fusion_weights_shapes_and_normalisation(fusion_mode):
     if fusion_mode != "dlcl":
         assert weights["encoder_memory"].shape == (M, N + 1)
         torch.testing.assert_close(weights["encoder_memory"].sum(dim=1), torch.ones(M))
+
+
+@pytest.mark.parametrize("fusion_mode", MODES)
+def test_fusion_weights_missing_from_a_checkpoint_get_the_paper_init(fusion_mode, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = build(fusion_mode)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)  # every weight away from any initialisation
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    fusion_keys = [key for key in state if ".memory." in key or ".connection." in key]
+    save_file({k: v for k, v in state.items() if k not in fusion_keys}, tmp_path / "model.safetensors", {"format": "pt"})
+
+    loaded = EncoderFusionForConditionalGeneration.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded.model.shared.weight, model.model.shared.weight)  # the rest is loaded
+    fresh = build(fusion_mode)
+    loaded_state, fresh_state = loaded.state_dict(), fresh.state_dict()
+    for key in fusion_keys:
+        if key.endswith("memory.weight"):  # a fresh uniform draw within the paper's bound
+            assert 0 < loaded_state[key].abs().max() <= memory_init_bound(loaded.config)
+        else:  # LayerNorms and DLCL's 1 / (l + 1) are deterministic
+            torch.testing.assert_close(loaded_state[key], fresh_state[key], msg=key)
 
 
 def fusion_parameter_count(config: EncoderFusionConfig) -> int:
@@ -303,7 +356,13 @@ def test_added_parameter_count(fusion_mode, sharing):
 COMBINATIONS = [
     {},
     {"sharing_strategy": "recurrent"},
-    {"normalize_before": True, "add_final_layer_norm": True, "sharing_strategy": "cycle", "encoder_unique_layers": 2, "decoder_unique_layers": 1},
+    {
+        "normalize_before": True,
+        "add_final_layer_norm": True,
+        "sharing_strategy": "cycle",
+        "encoder_unique_layers": 2,
+        "decoder_unique_layers": 1,
+    },
     {"position_embedding_type": "sinusoidal", "layernorm_embedding": False, "scale_embedding": True},
 ]
 
@@ -355,7 +414,8 @@ def test_heatmap_is_written_for_a_model_and_a_checkpoint(tmp_path):
     assert width > 2 * height  # three panels side by side: memory, encoder DLCL, decoder DLCL
 
     with pytest.raises(ValueError, match="learns no layer-fusion weights"):
-        plot_fusion_weights(FusionTransformerForConditionalGeneration(FusionTransformerConfig(**TINY)), tmp_path / "x.png")
+        vanilla = FusionTransformerForConditionalGeneration(FusionTransformerConfig(**TINY))
+        plot_fusion_weights(vanilla, tmp_path / "vanilla.png")
 
 
 def test_seq2seq_trainer_loss_goes_down(tmp_path):
@@ -422,9 +482,14 @@ def test_convert_from_pretrained_bart_copies_everything_and_initialises_fusion(f
     fusion_modules = {
         "transparent": {"model.decoder.memory": base.decoder.memory},
         "fine_grained": {"model.decoder.memory": base.decoder.memory},
-        "dlcl": {"model.encoder.connection": base.encoder.connection, "model.decoder.connection": base.decoder.connection},
+        "dlcl": {
+            "model.encoder.connection": base.encoder.connection,
+            "model.decoder.connection": base.decoder.connection,
+        },
     }[fusion_mode]
-    expected_keys = {f"{prefix}.{name}" for prefix, module in fusion_modules.items() for name, _ in module.named_parameters()}
+    expected_keys = {
+        f"{prefix}.{name}" for prefix, module in fusion_modules.items() for name, _ in module.named_parameters()
+    }
     assert set(new) == expected_keys
     for key, value in new.items():
         if key.endswith("norm.weight") or ".layer_norms." in key and key.endswith(".weight"):
@@ -432,12 +497,9 @@ def test_convert_from_pretrained_bart_copies_everything_and_initialises_fusion(f
         elif key.endswith(".bias"):
             torch.testing.assert_close(value, torch.zeros_like(value), msg=key)
     N, M = 3, 2
-    if fusion_mode == "transparent":
+    if fusion_mode != "dlcl":
         weight = base.decoder.memory.weight
-        assert 0 < weight.abs().max() <= math.sqrt(1 / (N + 1)) and weight.std() > 0
-    elif fusion_mode == "fine_grained":
-        weight = base.decoder.memory.weight
-        assert 0 < weight.abs().max() <= math.sqrt(2 / (M + N + 1)) and weight.std() > 0
+        assert 0 < weight.abs().max() <= memory_init_bound(model.config) and weight.std() > 0
     else:
         weights = model.fusion_weights()
         for key, depth in (("encoder_connection", N), ("decoder_connection", M)):
