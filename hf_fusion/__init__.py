@@ -16,6 +16,8 @@ from .modeling_fusion_transformer import (
     FusionTransformerModel,
     FusionTransformerPreTrainedModel,
 )
+from .configuration_surface_fusion import SurfaceFusionConfig
+from .modeling_surface_fusion import SurfaceFusionForConditionalGeneration, SurfaceFusionModel
 
 # (config class, base model class, LM class) of every model family.
 MODEL_FAMILIES = {
@@ -23,6 +25,11 @@ MODEL_FAMILIES = {
         FusionTransformerConfig,
         FusionTransformerModel,
         FusionTransformerForConditionalGeneration,
+    ),
+    SurfaceFusionConfig.model_type: (
+        SurfaceFusionConfig,
+        SurfaceFusionModel,
+        SurfaceFusionForConditionalGeneration,
     ),
 }
 
@@ -48,4 +55,7 @@ __all__ = [
     "FusionTransformerPreTrainedModel",
     "FusionTransformerForConditionalGeneration",
     "convert_from_pretrained",
+    "SurfaceFusionConfig",
+    "SurfaceFusionModel",
+    "SurfaceFusionForConditionalGeneration",
 ]

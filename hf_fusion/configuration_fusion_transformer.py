@@ -34,9 +34,10 @@ SEAM_CHOICES: dict[str, tuple[str, ...]] = {
     "sharing_strategy": ("none", "recurrent", "sequence", "cycle", "cycle_rev"),
     "depth_connection": ("residual",),
     "encoder_memory": ("last",),
-    "output_head": ("lm",),
+    "output_head": ("lm", "surface_fusion"),
 }
 POSITION_EMBEDDING_TYPES = ("learned", "sinusoidal")
+SURFACE_FUSION_MODES = ("hard", "soft")
 
 
 def check_choice(cls_name: str, field: str, value: Any, choices: Iterable[Any]) -> None:
@@ -108,7 +109,19 @@ class FusionTransformerConfig(PreTrainedConfig):
         depth_connection: How sub-layer outputs join the running state (``"residual"``).
         encoder_memory: What each decoder layer's cross-attention reads (``"last"``: the top
             encoder layer, as in vanilla seq2seq).
-        output_head: How the top decoder state becomes logits (``"lm"``: the tied LM head).
+        output_head: How the top decoder state becomes logits (``"lm"``: the tied LM head;
+            ``"surface_fusion"``: Liu et al.'s SurfaceFusion head, see ``surface_fusion.py``).
+        surface_fusion_mode: SurfaceFusion's fusion of the target and source distributions:
+            ``"hard"`` (log P = lambda log p_tgt + (1 - lambda) log p_src) or ``"soft"``
+            (log P = log_softmax(l_tgt + log_softmax(tau l_src))).
+        surface_fusion_lambda: Weight of the target distribution in hard fusion, in [0, 1]
+            (reference recipe: 0.8); ``None`` learns a per-position gate sigmoid(w . [h; r]).
+            Read in hard mode only.
+        surface_fusion_tau: Temperature on the source logits in soft fusion, > 0. Read in soft
+            mode only.
+        surface_fusion_heads: Heads of the surface attention; must divide d_model (paper: 1).
+        surface_fusion_ffn: Pass both the decoder state and the surface state through one shared
+            residual ReLU feed-forward network before the output projection (paper: on).
     """
 
     model_type = "fusion_transformer"
@@ -164,6 +177,11 @@ class FusionTransformerConfig(PreTrainedConfig):
 
     # --- seam 4: output head -----------------------------------------------------------------
     output_head: str = "lm"
+    surface_fusion_mode: str = "hard"
+    surface_fusion_lambda: float | None = 0.8
+    surface_fusion_tau: float = 1.0
+    surface_fusion_heads: int = 1
+    surface_fusion_ffn: bool = True
 
     def __post_init__(self, **kwargs: Any) -> None:
         self.validate_fields()
@@ -201,7 +219,29 @@ class FusionTransformerConfig(PreTrainedConfig):
             raise ValueError(f"{name}.d_model = {self.d_model} must be even for sinusoidal positions.")
         for field, choices in SEAM_CHOICES.items():
             check_choice(name, field, getattr(self, field), choices)
+        self._check_surface_fusion(name)
         self._resolve_unique_layers(name)
+
+    def _check_surface_fusion(self, name: str) -> None:
+        """Check the SurfaceFusion head's fields (always, so a bad value never waits in a config)."""
+        check_choice(name, "surface_fusion_mode", self.surface_fusion_mode, SURFACE_FUSION_MODES)
+        lam = self.surface_fusion_lambda
+        if lam is not None and (
+            isinstance(lam, bool) or not isinstance(lam, (int, float)) or math.isnan(lam) or not 0.0 <= lam <= 1.0
+        ):
+            raise ValueError(
+                f"{name}.surface_fusion_lambda = {lam!r} is not supported; allowed: a number in [0, 1], "
+                "or None for a learned gate."
+            )
+        check_range(name, "surface_fusion_tau", self.surface_fusion_tau, 0.0, None, low_inclusive=False)
+        check_positive_int(name, "surface_fusion_heads", self.surface_fusion_heads)
+        if self.d_model % self.surface_fusion_heads:
+            raise ValueError(
+                f"{name}.surface_fusion_heads = {self.surface_fusion_heads} must divide d_model = {self.d_model}; "
+                f"allowed: divisors of {self.d_model}."
+            )
+        if not isinstance(self.surface_fusion_ffn, bool):
+            raise ValueError(f"{name}.surface_fusion_ffn = {self.surface_fusion_ffn!r} is not supported; allowed: True, False.")
 
     def _resolve_unique_layers(self, name: str) -> None:
         """Fill in and check the number of parameter blocks of each stack for the sharing strategy."""

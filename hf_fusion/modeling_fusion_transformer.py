@@ -45,11 +45,12 @@ from .layers import (
 )
 from .memory import LastLayerMemory
 from .sharing import execution_plan
+from .surface_fusion import SurfaceFusionHead
 
 # --- seam tables: config key -> implementation (keys must equal SEAM_CHOICES) ------------------
 DEPTH_CONNECTIONS: dict[str, ConnectionSpec] = {"residual": RESIDUAL}
 ENCODER_MEMORIES: dict[str, type[nn.Module]] = {"last": LastLayerMemory}
-OUTPUT_HEADS: dict[str, type[nn.Module]] = {"lm": LMHead}
+OUTPUT_HEADS: dict[str, type[nn.Module]] = {"lm": LMHead, "surface_fusion": SurfaceFusionHead}
 SEAM_TABLES = {
     "depth_connection": DEPTH_CONNECTIONS,
     "encoder_memory": ENCODER_MEMORIES,
