@@ -44,7 +44,8 @@ the fusion: softmax(l_src) in hard mode, softmax(tau * l_src) in soft mode), sti
 graph.
 
 Generation: the head returns log P as ``logits`` (float32). Soft log P is normalised. Hard log P
-is not: sum_v P(v) = Z <= 1 (weighted AM-GM, equality only where the two distributions agree).
+is not: sum_v P(v) = Z <= 1 (weighted AM-GM; equality only for lam in {0, 1} or where the two
+distributions coincide).
 Hugging Face's ``generate`` log-softmaxes the logits it is given, so it decodes with the
 renormalised product of experts P(v) / Z, proportional to p_tgt^lam * p_src^(1 - lam). Greedy
 decoding is therefore identical to the reference's; beam search scores each step with
