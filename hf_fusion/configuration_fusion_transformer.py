@@ -241,7 +241,9 @@ class FusionTransformerConfig(PreTrainedConfig):
                 f"allowed: divisors of {self.d_model}."
             )
         if not isinstance(self.surface_fusion_ffn, bool):
-            raise ValueError(f"{name}.surface_fusion_ffn = {self.surface_fusion_ffn!r} is not supported; allowed: True, False.")
+            raise ValueError(
+                f"{name}.surface_fusion_ffn = {self.surface_fusion_ffn!r} is not supported; allowed: True, False."
+            )
 
     def _resolve_unique_layers(self, name: str) -> None:
         """Fill in and check the number of parameter blocks of each stack for the sharing strategy."""

@@ -68,7 +68,9 @@ def recompute(model: SurfaceFusionForConditionalGeneration, batch: dict[str, tor
     config = model.config
     head = model.output_head
     body = model.model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=batch["decoder_input_ids"]
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        decoder_input_ids=batch["decoder_input_ids"],
     )
     query, target, keys = body.decoder_top_layer_state, body.last_hidden_state, body.encoder_last_hidden_state
     scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
@@ -326,7 +328,8 @@ def test_beam_reordering_covers_the_surface_slot() -> None:
     model = build()
     batch = random_batch()
     with torch.no_grad():
-        cache = model(**{**batch, "decoder_input_ids": batch["decoder_input_ids"][:, :1]}, use_cache=True).past_key_values
+        first_step = {**batch, "decoder_input_ids": batch["decoder_input_ids"][:, :1]}
+        cache = model(**first_step, use_cache=True).past_key_values
     slot = model.config.decoder_layers
     before = cache.cross_attention_cache.layers[slot].keys.clone()
     order = torch.tensor([2, 0, 1])
@@ -372,7 +375,9 @@ def test_beam_search_scores_are_the_renormalised_mixture_and_match_uncached() ->
         cached = model.generate(batch["input_ids"], use_cache=True, **kwargs)
         uncached = model.generate(batch["input_ids"], use_cache=False, **kwargs)
         start = torch.full((3, 1), model.config.decoder_start_token_id)
-        mixture = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=start).logits[:, -1]
+        mixture = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=start
+        ).logits[:, -1]
     first_logits = cached.logits[0].view(3, 3, -1)  # (batch, beams, vocab)
     first_scores = cached.scores[0].view(3, 3, -1)
     for beam in range(3):
