@@ -20,6 +20,8 @@ from .modeling_fusion_transformer import (
     FusionTransformerPreTrainedModel,
 )
 from .modeling_depthwise_lstm import DepthwiseLSTMForConditionalGeneration, DepthwiseLSTMModel
+from .configuration_surface_fusion import SurfaceFusionConfig
+from .modeling_surface_fusion import SurfaceFusionForConditionalGeneration, SurfaceFusionModel
 
 # (config class, base model class, LM class) of every model family.
 MODEL_FAMILIES = {
@@ -34,6 +36,11 @@ MODEL_FAMILIES = {
         EncoderFusionForConditionalGeneration,
     ),
     DepthwiseLSTMConfig.model_type: (DepthwiseLSTMConfig, DepthwiseLSTMModel, DepthwiseLSTMForConditionalGeneration),
+    SurfaceFusionConfig.model_type: (
+        SurfaceFusionConfig,
+        SurfaceFusionModel,
+        SurfaceFusionForConditionalGeneration,
+    ),
 }
 
 
@@ -64,4 +71,7 @@ __all__ = [
     "DepthwiseLSTMConfig",
     "DepthwiseLSTMModel",
     "DepthwiseLSTMForConditionalGeneration",
+    "SurfaceFusionConfig",
+    "SurfaceFusionModel",
+    "SurfaceFusionForConditionalGeneration",
 ]

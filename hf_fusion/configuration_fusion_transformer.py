@@ -34,7 +34,7 @@ SEAM_CHOICES: dict[str, tuple[str, ...]] = {
     "sharing_strategy": ("none", "recurrent", "sequence", "cycle", "cycle_rev"),
     "depth_connection": ("residual", "dlcl", "depthwise_lstm"),
     "encoder_memory": ("last", "transparent", "fine_grained"),
-    "output_head": ("lm",),
+    "output_head": ("lm", "surface_fusion"),
 }
 POSITION_EMBEDDING_TYPES = ("learned", "sinusoidal")
 # The sizes of the network: positive integers, named as in BART's config.
@@ -56,6 +56,7 @@ FUSION_DROPOUT_DEFAULTS: dict[str, float] = {"transparent": 0.1, "fine_grained":
 DLSTM_DECODER_MODES = ("per_sublayer", "concat")
 DLSTM_GATE_NORMS = ("per_gate", "joint")
 DLSTM_ACTIVATIONS = ("relu", "gelu")
+SURFACE_FUSION_MODES = ("hard", "soft")
 
 
 def check_choice(cls_name: str, field: str, value: Any, choices: Iterable[Any]) -> None:
@@ -148,7 +149,19 @@ class FusionTransformerConfig(PreTrainedConfig):
         fusion_embedding_layer_norm: LayerNorm on the embedding layer before it is fused. ``None``
             means the memory's default: on for ``"transparent"``; for ``"fine_grained"`` on in
             post-norm models only, as in the official code. Only valid with a fusing ``encoder_memory``.
-        output_head: How the top decoder state becomes logits (``"lm"``: the tied LM head).
+        output_head: How the top decoder state becomes logits (``"lm"``: the tied LM head;
+            ``"surface_fusion"``: Liu et al.'s SurfaceFusion head, see ``surface_fusion.py``).
+        surface_fusion_mode: SurfaceFusion's fusion of the target and source distributions:
+            ``"hard"`` (log P = lambda log p_tgt + (1 - lambda) log p_src) or ``"soft"``
+            (log P = log_softmax(l_tgt + log_softmax(tau l_src))).
+        surface_fusion_lambda: Weight of the target distribution in hard fusion, in [0, 1]
+            (reference recipe: 0.8); ``None`` learns a per-position gate sigmoid(w . [h; r]).
+            Read in hard mode only.
+        surface_fusion_tau: Temperature on the source logits in soft fusion, > 0. Read in soft
+            mode only.
+        surface_fusion_heads: Heads of the surface attention; must divide d_model (paper: 1).
+        surface_fusion_ffn: Pass both the decoder state and the surface state through one shared
+            residual ReLU feed-forward network before the output projection (paper: on).
     """
 
     model_type = "fusion_transformer"
@@ -209,6 +222,11 @@ class FusionTransformerConfig(PreTrainedConfig):
 
     # --- seam 4: output head -----------------------------------------------------------------
     output_head: str = "lm"
+    surface_fusion_mode: str = "hard"
+    surface_fusion_lambda: float | None = 0.8
+    surface_fusion_tau: float = 1.0
+    surface_fusion_heads: int = 1
+    surface_fusion_ffn: bool = True
 
     def __post_init__(self, **kwargs: Any) -> None:
         self.validate_fields()
@@ -245,6 +263,7 @@ class FusionTransformerConfig(PreTrainedConfig):
                 f"{name}.normalize_before = True has no meaning with depth_connection='depthwise_lstm' "
                 "(the LSTM cell normalises its own pre-activations); allowed: False."
             )
+        self._check_surface_fusion(name)
         self._resolve_unique_layers(name)
         self._resolve_fusion_fields(name)
 
@@ -268,6 +287,29 @@ class FusionTransformerConfig(PreTrainedConfig):
             raise ValueError(
                 f"{name}.fusion_embedding_layer_norm = {self.fusion_embedding_layer_norm!r} is not supported; "
                 "allowed values: True, False, None."
+            )
+
+    def _check_surface_fusion(self, name: str) -> None:
+        """Check the SurfaceFusion head's fields (always, so a bad value never waits in a config)."""
+        check_choice(name, "surface_fusion_mode", self.surface_fusion_mode, SURFACE_FUSION_MODES)
+        lam = self.surface_fusion_lambda
+        if lam is not None and (
+            isinstance(lam, bool) or not isinstance(lam, (int, float)) or math.isnan(lam) or not 0.0 <= lam <= 1.0
+        ):
+            raise ValueError(
+                f"{name}.surface_fusion_lambda = {lam!r} is not supported; allowed: a number in [0, 1], "
+                "or None for a learned gate."
+            )
+        check_range(name, "surface_fusion_tau", self.surface_fusion_tau, 0.0, None, low_inclusive=False)
+        check_positive_int(name, "surface_fusion_heads", self.surface_fusion_heads)
+        if self.d_model % self.surface_fusion_heads:
+            raise ValueError(
+                f"{name}.surface_fusion_heads = {self.surface_fusion_heads} must divide d_model = {self.d_model}; "
+                f"allowed: divisors of {self.d_model}."
+            )
+        if not isinstance(self.surface_fusion_ffn, bool):
+            raise ValueError(
+                f"{name}.surface_fusion_ffn = {self.surface_fusion_ffn!r} is not supported; allowed: True, False."
             )
 
     def _resolve_unique_layers(self, name: str) -> None:

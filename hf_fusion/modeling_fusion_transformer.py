@@ -47,6 +47,7 @@ from .layers import (
 )
 from .memory import FineGrainedLayerAttentionMemory, LastLayerMemory, TransparentAttentionMemory
 from .sharing import execution_plan
+from .surface_fusion import SurfaceFusionHead
 
 # --- seam tables: config key -> implementation (keys must equal SEAM_CHOICES) ------------------
 DEPTH_CONNECTIONS: dict[str, ConnectionSpec] = {"residual": RESIDUAL, "dlcl": DLCL, "depthwise_lstm": DEPTHWISE_LSTM}
@@ -55,7 +56,7 @@ ENCODER_MEMORIES: dict[str, type[nn.Module]] = {
     "transparent": TransparentAttentionMemory,
     "fine_grained": FineGrainedLayerAttentionMemory,
 }
-OUTPUT_HEADS: dict[str, type[nn.Module]] = {"lm": LMHead}
+OUTPUT_HEADS: dict[str, type[nn.Module]] = {"lm": LMHead, "surface_fusion": SurfaceFusionHead}
 SEAM_TABLES = {
     "depth_connection": DEPTH_CONNECTIONS,
     "encoder_memory": ENCODER_MEMORIES,
