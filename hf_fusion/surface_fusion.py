@@ -76,37 +76,8 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer, EncoderDecoderCache
 
 from .configuration_fusion_transformer import FusionTransformerConfig
-from .heads import HeadOutput
+from .heads import HeadOutput, log_prob_nll
 from .layers import FusionAttention, padding_mask
-
-
-def log_prob_nll(
-    log_probs: torch.Tensor,
-    labels: torch.Tensor,
-    label_smoothing: float = 0.0,
-    num_items_in_batch: int | torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Label-smoothed negative log-likelihood of given log-probabilities, fairseq's
-    ``label_smoothed_nll_loss``: per target token (1 - eps) * -log P(y) + eps * mean_v(-log P(v)).
-
-    Unlike ``heads.token_cross_entropy`` this does not log-softmax its input: hard SurfaceFusion
-    trains on the unnormalised mixture itself. Labels of -100 are ignored; the sum is divided by the
-    number of target tokens, or by ``num_items_in_batch`` under gradient accumulation.
-
-    Args:
-        log_probs: (batch, tgt_len, vocab) log-probabilities, normalised or not.
-        labels: (batch, tgt_len) target ids, -100 where ignored.
-    """
-    keep = labels != -100  # (batch, tgt_len)
-    targets = labels.clamp(min=0).unsqueeze(-1).to(log_probs.device)  # (batch, tgt_len, 1)
-    nll = -log_probs.gather(-1, targets).squeeze(-1)
-    smooth = -log_probs.mean(dim=-1)
-    per_token = ((1.0 - label_smoothing) * nll + label_smoothing * smooth).masked_fill(~keep.to(nll.device), 0.0)
-    total = per_token.sum()
-    denominator = keep.sum() if num_items_in_batch is None else num_items_in_batch
-    if isinstance(denominator, torch.Tensor):
-        denominator = denominator.to(total.device)
-    return total / denominator
 
 
 class SurfaceFusionFFN(nn.Module):
