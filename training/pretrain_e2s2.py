@@ -39,6 +39,7 @@ from transformers import (
 import hf_fusion  # noqa: F401  (registers the hf_fusion model types with the Auto classes)
 
 from .e2s2 import OBJECTIVES, E2S2DataCollator, E2S2ForPreTraining, E2S2Trainer
+from .tokenizer import check_tokenizer_fits
 
 logger = logging.getLogger(__name__)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -144,14 +145,10 @@ def build_backbone(args: PretrainArguments, tokenizer: PreTrainedTokenizerBase) 
 
 def check_model_fits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
     """Refuse a tokenizer/model pair that would fail (or silently mis-train) inside forward."""
-    config = model.config
-    if len(tokenizer) > config.vocab_size:
-        raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}.")
-    if tokenizer.pad_token_id != config.pad_token_id:
-        raise ValueError(f"tokenizer.pad_token_id = {tokenizer.pad_token_id} but config.pad_token_id = {config.pad_token_id}.")
-    if getattr(config, "decoder_start_token_id", None) is None:
-        raise ValueError("config.decoder_start_token_id is None; set it (BART uses the eos id).")
-    max_positions = getattr(config, "max_position_embeddings", None)
+    check_tokenizer_fits(tokenizer, model.config)
+    if getattr(model.config, "decoder_start_token_id", None) is None:
+        raise ValueError("config.decoder_start_token_id is None; set it to the eos id (BART's convention).")
+    max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions is not None and max_length > max_positions:
         raise ValueError(f"--max_length {max_length} exceeds the model's max_position_embeddings = {max_positions}.")
 
