@@ -335,6 +335,21 @@ def test_gradients_reach_heads_and_encoder(kind, tokenizer):
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
+def test_backbone_loss_terms_are_passed_on(tokenizer):
+    """An hf_fusion head that reports its own loss components (seam 5) keeps them visible."""
+    config_class, _, lm_class = MODEL_FAMILIES["fusion_transformer"]
+
+    class WithTerms(lm_class):
+        def forward(self, *args, **kwargs):
+            output = super().forward(*args, **kwargs)
+            output.loss_terms = {"aux": 2 * output.loss}
+            return output
+
+    output = E2S2ForPreTraining(WithTerms(config_class(**TINY)))(**E2S2DataCollator(tokenizer)(random_texts(3, seed=0)))
+    torch.testing.assert_close(output.loss_terms["main/aux"], 2 * output.loss_terms["nll_main"])
+    torch.testing.assert_close(output.loss_terms["second/aux"], 2 * output.loss_terms["nll_second"])
+
+
 def test_padding_does_not_change_the_pooled_vector(tokenizer):
     hidden = torch.randn(2, 6, 4)
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
