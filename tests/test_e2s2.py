@@ -22,7 +22,7 @@ from training.e2s2 import (
     masked_mean_pool,
     poisson_span_mask,
 )
-from training.pretrain_e2s2 import main as pretrain_main
+from training.pretrain_e2s2 import pretrain as pretrain_main
 from training.tokenizer import train_tokenizer
 
 WORDS = (

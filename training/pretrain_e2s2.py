@@ -153,8 +153,9 @@ def check_model_fits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         raise ValueError(f"--max_length {max_length} exceeds the model's max_position_embeddings = {max_positions}.")
 
 
-def main(argv: Sequence[str] | None = None) -> E2S2Trainer:
-    """Entry point: parse ``argv`` (default ``sys.argv[1:]``), pretrain, save to ``--output_dir``."""
+def pretrain(argv: Sequence[str] | None = None) -> E2S2Trainer:
+    """Parse ``argv`` (default ``sys.argv[1:]``), pretrain, save to ``--output_dir``; return the
+    Trainer (its state holds the logged loss terms)."""
     parser = HfArgumentParser((PretrainArguments, TrainingArguments))
     args, training_args = parser.parse_args_into_dataclasses(args=list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -205,6 +206,11 @@ def main(argv: Sequence[str] | None = None) -> E2S2Trainer:
     trainer.save_model()
     trainer.save_state()
     return trainer
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point ``hf-fusion-pretrain-e2s2`` (returns nothing, so the exit status is 0)."""
+    pretrain(argv)
 
 
 if __name__ == "__main__":
