@@ -10,14 +10,18 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
+from .configuration_encoder_fusion import EncoderFusionConfig
 from .configuration_depthwise_lstm import DepthwiseLSTMConfig
 from .configuration_fusion_transformer import FusionTransformerConfig
+from .modeling_encoder_fusion import EncoderFusionForConditionalGeneration, EncoderFusionModel
 from .modeling_fusion_transformer import (
     FusionTransformerForConditionalGeneration,
     FusionTransformerModel,
     FusionTransformerPreTrainedModel,
 )
 from .modeling_depthwise_lstm import DepthwiseLSTMForConditionalGeneration, DepthwiseLSTMModel
+from .configuration_surface_fusion import SurfaceFusionConfig
+from .modeling_surface_fusion import SurfaceFusionForConditionalGeneration, SurfaceFusionModel
 
 # (config class, base model class, LM class) of every model family.
 MODEL_FAMILIES = {
@@ -26,7 +30,17 @@ MODEL_FAMILIES = {
         FusionTransformerModel,
         FusionTransformerForConditionalGeneration,
     ),
+    EncoderFusionConfig.model_type: (
+        EncoderFusionConfig,
+        EncoderFusionModel,
+        EncoderFusionForConditionalGeneration,
+    ),
     DepthwiseLSTMConfig.model_type: (DepthwiseLSTMConfig, DepthwiseLSTMModel, DepthwiseLSTMForConditionalGeneration),
+    SurfaceFusionConfig.model_type: (
+        SurfaceFusionConfig,
+        SurfaceFusionModel,
+        SurfaceFusionForConditionalGeneration,
+    ),
 }
 
 
@@ -50,8 +64,14 @@ __all__ = [
     "FusionTransformerModel",
     "FusionTransformerPreTrainedModel",
     "FusionTransformerForConditionalGeneration",
+    "EncoderFusionConfig",
+    "EncoderFusionModel",
+    "EncoderFusionForConditionalGeneration",
     "convert_from_pretrained",
     "DepthwiseLSTMConfig",
     "DepthwiseLSTMModel",
     "DepthwiseLSTMForConditionalGeneration",
+    "SurfaceFusionConfig",
+    "SurfaceFusionModel",
+    "SurfaceFusionForConditionalGeneration",
 ]

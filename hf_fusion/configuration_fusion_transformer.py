@@ -32,16 +32,32 @@ from .sharing import execution_plan
 # (a test checks it), so adding a variant means: add its key here, its module to the table.
 SEAM_CHOICES: dict[str, tuple[str, ...]] = {
     "sharing_strategy": ("none", "recurrent", "sequence", "cycle", "cycle_rev"),
-    "depth_connection": ("residual", "depthwise_lstm"),
-    "encoder_memory": ("last",),
-    "output_head": ("lm",),
+    "depth_connection": ("residual", "dlcl", "depthwise_lstm"),
+    "encoder_memory": ("last", "transparent", "fine_grained"),
+    "output_head": ("lm", "surface_fusion"),
 }
 POSITION_EMBEDDING_TYPES = ("learned", "sinusoidal")
+# The sizes of the network: positive integers, named as in BART's config.
+SIZE_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "encoder_layers",
+    "decoder_layers",
+    "encoder_attention_heads",
+    "decoder_attention_heads",
+    "encoder_ffn_dim",
+    "decoder_ffn_dim",
+    "max_position_embeddings",
+)
+# Per layer-fusion memory: the ``fusion_dropout`` a config gets when it leaves the field unset
+# (Lingvo's transparent-merger default; the 0.3 of all of Liu et al.'s experiments).
+FUSION_DROPOUT_DEFAULTS: dict[str, float] = {"transparent": 0.1, "fine_grained": 0.3}
 # Options of the depth-wise LSTM connection (``depth_connection = "depthwise_lstm"``).
 DLSTM_DECODER_MODES = ("per_sublayer", "concat")
 DLSTM_GATE_NORMS = ("per_gate", "joint")
 DLSTM_ACTIVATIONS = ("relu", "gelu")
 DLSTM_CANDIDATES = ("linear", "ffn")
+SURFACE_FUSION_MODES = ("hard", "soft")
 
 
 def check_choice(cls_name: str, field: str, value: Any, choices: Iterable[Any]) -> None:
@@ -110,9 +126,11 @@ class FusionTransformerConfig(PreTrainedConfig):
         encoder_unique_layers / decoder_unique_layers: Number of parameter blocks per stack.
             ``None`` means one per step for ``"none"`` and 1 for ``"recurrent"``; the other
             strategies need it set explicitly.
-        depth_connection: How sub-layer outputs join the running state: ``"residual"``, or
-            ``"depthwise_lstm"`` (Xu et al., arXiv 2007.06257: an LSTM across depth replaces the
-            residual stream, LayerNorms and feed-forward; see ``depthwise_lstm.py``).
+        depth_connection: How sub-layer outputs join the running state: ``"residual"``;
+            ``"dlcl"``: each layer's input is a learned linear combination of all earlier layers'
+            outputs (Wang et al. 2019), in encoder and decoder; or ``"depthwise_lstm"`` (Xu et al.,
+            arXiv 2007.06257: an LSTM across depth replaces the residual stream, LayerNorms and
+            feed-forward; see ``depthwise_lstm.py``).
         dlstm_decoder_mode: Depth-wise LSTM decoder wiring: ``"per_sublayer"`` (one LSTM step after
             self-attention, another after cross-attention) or ``"concat"`` (one step on both
             sub-layers' outputs concatenated).
@@ -125,8 +143,29 @@ class FusionTransformerConfig(PreTrainedConfig):
             the equation of METHODS.md) or ``"ffn"`` (``W_2 act(LN(W_1 x + b_1)) + b_2`` with
             inner width ``encoder_ffn_dim`` / ``decoder_ffn_dim``, as Neutron's cell does).
         encoder_memory: What each decoder layer's cross-attention reads (``"last"``: the top
-            encoder layer, as in vanilla seq2seq).
-        output_head: How the top decoder state becomes logits (``"lm"``: the tied LM head).
+            encoder layer, as in vanilla seq2seq; ``"transparent"``: a softmax-weighted sum of all
+            encoder layers per decoder layer, Bapna et al. 2018; ``"fine_grained"``: the same with
+            one weight per dimension, Liu et al. 2021).
+        fusion_dropout: Dropout on the layer-fusion weights before their softmax (DropConnect), and
+            for ``"fine_grained"`` also on the fused memory. ``None`` means the memory's default:
+            0.1 for ``"transparent"`` (Lingvo), 0.3 for ``"fine_grained"`` (the paper). Only valid
+            with a fusing ``encoder_memory``.
+        fusion_embedding_layer_norm: LayerNorm on the embedding layer before it is fused. ``None``
+            means the memory's default: on for ``"transparent"``; for ``"fine_grained"`` on in
+            post-norm models only, as in the official code. Only valid with a fusing ``encoder_memory``.
+        output_head: How the top decoder state becomes logits (``"lm"``: the tied LM head;
+            ``"surface_fusion"``: Liu et al.'s SurfaceFusion head, see ``surface_fusion.py``).
+        surface_fusion_mode: SurfaceFusion's fusion of the target and source distributions:
+            ``"hard"`` (log P = lambda log p_tgt + (1 - lambda) log p_src) or ``"soft"``
+            (log P = log_softmax(l_tgt + log_softmax(tau l_src))).
+        surface_fusion_lambda: Weight of the target distribution in hard fusion, in [0, 1]
+            (reference recipe: 0.8); ``None`` learns a per-position gate sigmoid(w . [h; r]).
+            Read in hard mode only.
+        surface_fusion_tau: Temperature on the source logits in soft fusion, > 0. Read in soft
+            mode only.
+        surface_fusion_heads: Heads of the surface attention; must divide d_model (paper: 1).
+        surface_fusion_ffn: Pass both the decoder state and the surface state through one shared
+            residual ReLU feed-forward network before the output projection (paper: on).
     """
 
     model_type = "fusion_transformer"
@@ -183,9 +222,16 @@ class FusionTransformerConfig(PreTrainedConfig):
 
     # --- seam 3: encoder memory --------------------------------------------------------------
     encoder_memory: str = "last"
+    fusion_dropout: float | None = None
+    fusion_embedding_layer_norm: bool | None = None
 
     # --- seam 4: output head -----------------------------------------------------------------
     output_head: str = "lm"
+    surface_fusion_mode: str = "hard"
+    surface_fusion_lambda: float | None = 0.8
+    surface_fusion_tau: float = 1.0
+    surface_fusion_heads: int = 1
+    surface_fusion_ffn: bool = True
 
     def __post_init__(self, **kwargs: Any) -> None:
         self.validate_fields()
@@ -194,17 +240,7 @@ class FusionTransformerConfig(PreTrainedConfig):
     def validate_fields(self) -> None:
         """Check every field; raise ValueError naming the field and what is allowed."""
         name = type(self).__name__
-        for field in (
-            "vocab_size",
-            "d_model",
-            "encoder_layers",
-            "decoder_layers",
-            "encoder_attention_heads",
-            "decoder_attention_heads",
-            "encoder_ffn_dim",
-            "decoder_ffn_dim",
-            "max_position_embeddings",
-        ):
+        for field in SIZE_FIELDS:
             check_positive_int(name, field, getattr(self, field))
         for field in ("encoder_attention_heads", "decoder_attention_heads"):
             if self.d_model % getattr(self, field):
@@ -233,7 +269,54 @@ class FusionTransformerConfig(PreTrainedConfig):
                 f"{name}.normalize_before = True has no meaning with depth_connection='depthwise_lstm' "
                 "(the LSTM cell normalises its own pre-activations); allowed: False."
             )
+        self._check_surface_fusion(name)
         self._resolve_unique_layers(name)
+        self._resolve_fusion_fields(name)
+
+    def _resolve_fusion_fields(self, name: str) -> None:
+        """Fill in the layer-fusion defaults of the chosen memory; refuse them without fusion."""
+        if self.encoder_memory not in FUSION_DROPOUT_DEFAULTS:
+            for field in ("fusion_dropout", "fusion_embedding_layer_norm"):
+                if getattr(self, field) is not None:
+                    raise ValueError(
+                        f"{name}.{field} = {getattr(self, field)!r} has no effect with encoder_memory = "
+                        f"{self.encoder_memory!r}; allowed: None, or set encoder_memory to one of "
+                        f"{', '.join(map(repr, FUSION_DROPOUT_DEFAULTS))}."
+                    )
+            return
+        if self.fusion_dropout is None:
+            self.fusion_dropout = FUSION_DROPOUT_DEFAULTS[self.encoder_memory]
+        check_range(name, "fusion_dropout", self.fusion_dropout, 0.0, 1.0, high_inclusive=False)
+        if self.fusion_embedding_layer_norm is None:
+            self.fusion_embedding_layer_norm = self.encoder_memory == "transparent" or not self.normalize_before
+        if not isinstance(self.fusion_embedding_layer_norm, bool):
+            raise ValueError(
+                f"{name}.fusion_embedding_layer_norm = {self.fusion_embedding_layer_norm!r} is not supported; "
+                "allowed values: True, False, None."
+            )
+
+    def _check_surface_fusion(self, name: str) -> None:
+        """Check the SurfaceFusion head's fields (always, so a bad value never waits in a config)."""
+        check_choice(name, "surface_fusion_mode", self.surface_fusion_mode, SURFACE_FUSION_MODES)
+        lam = self.surface_fusion_lambda
+        if lam is not None and (
+            isinstance(lam, bool) or not isinstance(lam, (int, float)) or math.isnan(lam) or not 0.0 <= lam <= 1.0
+        ):
+            raise ValueError(
+                f"{name}.surface_fusion_lambda = {lam!r} is not supported; allowed: a number in [0, 1], "
+                "or None for a learned gate."
+            )
+        check_range(name, "surface_fusion_tau", self.surface_fusion_tau, 0.0, None, low_inclusive=False)
+        check_positive_int(name, "surface_fusion_heads", self.surface_fusion_heads)
+        if self.d_model % self.surface_fusion_heads:
+            raise ValueError(
+                f"{name}.surface_fusion_heads = {self.surface_fusion_heads} must divide d_model = {self.d_model}; "
+                f"allowed: divisors of {self.d_model}."
+            )
+        if not isinstance(self.surface_fusion_ffn, bool):
+            raise ValueError(
+                f"{name}.surface_fusion_ffn = {self.surface_fusion_ffn!r} is not supported; allowed: True, False."
+            )
 
     def _resolve_unique_layers(self, name: str) -> None:
         """Fill in and check the number of parameter blocks of each stack for the sharing strategy."""

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForSeq2SeqLM, PreTrainedModel
 
+from .configuration_fusion_transformer import SIZE_FIELDS
+
 logger = logging.getLogger(__name__)
 
 # Per source architecture: the core switches that reproduce it.
@@ -42,16 +44,7 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         "position_embedding_type": "sinusoidal",
     },
 }
-COPIED_FIELDS = (
-    "vocab_size",
-    "d_model",
-    "encoder_layers",
-    "decoder_layers",
-    "encoder_attention_heads",
-    "decoder_attention_heads",
-    "encoder_ffn_dim",
-    "decoder_ffn_dim",
-    "max_position_embeddings",
+COPIED_FIELDS = SIZE_FIELDS + (
     "dropout",
     "attention_dropout",
     "activation_dropout",

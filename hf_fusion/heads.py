@@ -18,28 +18,49 @@ from torch import nn
 from .configuration_fusion_transformer import FusionTransformerConfig
 
 
+def log_prob_nll(
+    log_probs: torch.Tensor,
+    labels: torch.Tensor,
+    label_smoothing: float = 0.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Label-smoothed negative log-likelihood of given log-probabilities, fairseq's
+    ``label_smoothed_nll_loss``: per target token (1 - eps) * -log P(y) + eps * mean_v(-log P(v)).
+
+    It does not log-softmax its input, so a head can train on an unnormalised mixture (hard
+    SurfaceFusion does). Labels of -100 are ignored; the sum is divided by the
+    number of target tokens, or by ``num_items_in_batch`` under gradient accumulation.
+
+    Args:
+        log_probs: (batch, tgt_len, vocab) log-probabilities, normalised or not.
+        labels: (batch, tgt_len) target ids, -100 where ignored.
+    """
+    keep = labels != -100  # (batch, tgt_len)
+    targets = labels.clamp(min=0).unsqueeze(-1).to(log_probs.device)  # (batch, tgt_len, 1)
+    nll = -log_probs.gather(-1, targets).squeeze(-1)
+    smooth = -log_probs.mean(dim=-1)
+    per_token = ((1.0 - label_smoothing) * nll + label_smoothing * smooth).masked_fill(~keep.to(nll.device), 0.0)
+    total = per_token.sum()
+    denominator = keep.sum() if num_items_in_batch is None else num_items_in_batch
+    if isinstance(denominator, torch.Tensor):
+        denominator = denominator.to(total.device)
+    return total / denominator
+
+
 def token_cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
     label_smoothing: float = 0.0,
     num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy over ``(batch, tgt_len, vocab)`` logits, ignoring labels of -100.
+    """Label-smoothed cross-entropy over ``(batch, tgt_len, vocab)`` logits, ignoring labels of
+    -100: :func:`log_prob_nll` of their log-softmax (computed in float32).
 
     With ``num_items_in_batch`` (passed by the Trainer under gradient accumulation) the sum is
     divided by the number of target tokens of the whole accumulated batch, so accumulation gives
     the same gradient as one large batch.
     """
-    logits = logits.reshape(-1, logits.shape[-1]).float()
-    labels = labels.reshape(-1).to(logits.device)
-    if num_items_in_batch is None:
-        return nn.functional.cross_entropy(logits, labels, ignore_index=-100, label_smoothing=label_smoothing)
-    total = nn.functional.cross_entropy(
-        logits, labels, ignore_index=-100, label_smoothing=label_smoothing, reduction="sum"
-    )
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+    return log_prob_nll(logits.float().log_softmax(dim=-1), labels, label_smoothing, num_items_in_batch)
 
 
 @dataclass

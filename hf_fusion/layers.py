@@ -189,9 +189,13 @@ class FusionAttention(nn.Module):
         past_key_values: Cache | None = None,
         cache_idx: int | None = None,
         output_attentions: bool = False,
+        value_states: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attend from ``hidden_states`` (batch, tgt_len, d_model) to itself or to
         ``key_value_states`` (batch, src_len, d_model); returns the output and, if asked, weights.
+        Cross-attention may take its values from ``value_states`` (batch, src_len, d_model) instead
+        of ``key_value_states`` (SurfaceFusion: keys from the encoder output, values from the
+        source embeddings).
 
         With a cache, self-attention appends this call's keys/values to slot ``cache_idx``;
         cross-attention fills its slot on the first call and reuses it afterwards, so
@@ -211,7 +215,7 @@ class FusionAttention(nn.Module):
             source = key_value_states if is_cross else hidden_states
             kv_shape = (batch, source.shape[1], -1, self.head_dim)
             key = self.k_proj(source).view(kv_shape).transpose(1, 2)  # (batch, heads, src_len, head_dim)
-            value = self.v_proj(source).view(kv_shape).transpose(1, 2)
+            value = self.v_proj(source if value_states is None else value_states).view(kv_shape).transpose(1, 2)
             if cache is not None:
                 key, value = cache.update(key, value, cache_idx)
                 if is_cross:

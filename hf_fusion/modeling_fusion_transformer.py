@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.generation import GenerationMixin
@@ -33,7 +34,7 @@ from transformers import initialization as init
 from transformers.utils import can_return_tuple
 
 from .configuration_fusion_transformer import SEAM_CHOICES, FusionTransformerConfig
-from .connections import RESIDUAL, ConnectionSpec
+from .connections import DLCL, RESIDUAL, ConnectionSpec, DLCLConnection
 from .depthwise_lstm import DEPTHWISE_LSTM
 from .heads import LMHead
 from .layers import (
@@ -44,13 +45,18 @@ from .layers import (
     embedding_scale,
     padding_mask,
 )
-from .memory import LastLayerMemory
+from .memory import FineGrainedLayerAttentionMemory, LastLayerMemory, TransparentAttentionMemory
 from .sharing import execution_plan
+from .surface_fusion import SurfaceFusionHead
 
 # --- seam tables: config key -> implementation (keys must equal SEAM_CHOICES) ------------------
-DEPTH_CONNECTIONS: dict[str, ConnectionSpec] = {"residual": RESIDUAL, "depthwise_lstm": DEPTHWISE_LSTM}
-ENCODER_MEMORIES: dict[str, type[nn.Module]] = {"last": LastLayerMemory}
-OUTPUT_HEADS: dict[str, type[nn.Module]] = {"lm": LMHead}
+DEPTH_CONNECTIONS: dict[str, ConnectionSpec] = {"residual": RESIDUAL, "dlcl": DLCL, "depthwise_lstm": DEPTHWISE_LSTM}
+ENCODER_MEMORIES: dict[str, type[nn.Module]] = {
+    "last": LastLayerMemory,
+    "transparent": TransparentAttentionMemory,
+    "fine_grained": FineGrainedLayerAttentionMemory,
+}
+OUTPUT_HEADS: dict[str, type[nn.Module]] = {"lm": LMHead, "surface_fusion": SurfaceFusionHead}
 SEAM_TABLES = {
     "depth_connection": DEPTH_CONNECTIONS,
     "encoder_memory": ENCODER_MEMORIES,
@@ -120,12 +126,26 @@ class FusionTransformerPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False
     _supports_flex_attn = False
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, with a corrupt weights file reported as such
+        instead of as a bare safetensors deserialisation error."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            raise OSError(
+                f"The weights of {str(pretrained_model_name_or_path)!r} cannot be read: the safetensors file is "
+                f"corrupt or truncated ({error}). Re-download or re-save the checkpoint."
+            ) from error
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, SinusoidalPositionalEmbedding):
             init.copy_(module.weight, module.table())
         if isinstance(module, FusionTransformerForConditionalGeneration):
             init.zeros_(module.final_logits_bias)
+        if isinstance(module, (TransparentAttentionMemory, FineGrainedLayerAttentionMemory, DLCLConnection)):
+            module.reset_parameters()  # the layer-mixing weights' paper initialisations
 
 
 class FusionTransformerEncoder(nn.Module):

@@ -1,0 +1,269 @@
+"""The vanilla core: validation, caching, HF capabilities, and save -> load without hf_fusion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+import hf_fusion
+from hf_fusion import FusionTransformerConfig, FusionTransformerForConditionalGeneration
+from hf_fusion.configuration_fusion_transformer import SEAM_CHOICES
+from hf_fusion.modeling_fusion_transformer import SEAM_TABLES
+from hf_fusion.sharing import execution_plan
+from tests.helpers import (
+    assert_cached_decoding_matches,
+    assert_roundtrip_in_clean_process,
+    random_batch,
+)
+
+
+def tiny_model(**overrides) -> FusionTransformerForConditionalGeneration:
+    from tests.helpers import TINY
+
+    return FusionTransformerForConditionalGeneration(FusionTransformerConfig(**{**TINY, **overrides})).eval()
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, field, allowed",
+    [
+        ({"activation_function": "tanhh"}, "activation_function", "'gelu'"),
+        ({"position_embedding_type": "rotary"}, "position_embedding_type", "'learned', 'sinusoidal'"),
+        ({"d_model": 18, "encoder_attention_heads": 4}, "encoder_attention_heads", "divisors of 18"),
+        ({"dropout": -0.1}, "dropout", "[0.0, 1.0)"),
+        ({"attention_dropout": 1.0}, "attention_dropout", "[0.0, 1.0)"),
+        ({"label_smoothing": 1.5}, "label_smoothing", "[0.0, 1.0)"),
+        ({"encoder_layers": 0}, "encoder_layers", "positive integer"),
+        ({"depth_connection": "highway"}, "depth_connection", "'residual'"),
+        ({"encoder_memory": "all"}, "encoder_memory", "'last'"),
+        ({"output_head": "copy"}, "output_head", "'lm'"),
+        ({"sharing_strategy": "random"}, "sharing_strategy", "'cycle_rev'"),
+        ({"sharing_strategy": "cycle"}, "encoder_unique_layers", "must be set"),
+        ({"sharing_strategy": "cycle", "encoder_unique_layers": 3, "decoder_unique_layers": 1}, "encoder_unique_layers", "1 to 2"),
+        ({"sharing_strategy": "recurrent", "encoder_unique_layers": 2}, "encoder_unique_layers", "allowed: 1"),
+        ({"encoder_unique_layers": 1}, "encoder_unique_layers", "sharing_strategy other than 'none'"),
+    ],
+)
+def test_invalid_config_is_refused_naming_field_and_allowed_values(tiny, overrides, field, allowed):
+    with pytest.raises(ValueError) as error:
+        FusionTransformerConfig(**{**tiny, **overrides})
+    assert field in str(error.value)
+    assert allowed in str(error.value)
+
+
+def test_schedule_the_layer_counts_do_not_admit_is_refused(tiny):
+    # sequence with N=6, M=4 runs blocks 0,0,1,1,2,2: block 3 would never train.
+    with pytest.raises(ValueError, match=r"never runs block\(s\) \[3\]"):
+        FusionTransformerConfig(
+            **{**tiny, "encoder_layers": 6, "sharing_strategy": "sequence", "encoder_unique_layers": 4, "decoder_unique_layers": 1}
+        )
+
+
+def test_seam_tables_implement_exactly_the_config_choices():
+    for key, table in SEAM_TABLES.items():
+        assert set(table) == set(SEAM_CHOICES[key])
+
+
+@pytest.mark.parametrize(
+    "strategy, steps, blocks, expected",
+    [
+        ("none", 4, 4, (0, 1, 2, 3)),
+        ("recurrent", 4, 1, (0, 0, 0, 0)),
+        ("sequence", 6, 3, (0, 0, 1, 1, 2, 2)),
+        ("cycle", 6, 3, (0, 1, 2, 0, 1, 2)),
+        ("cycle_rev", 6, 3, (0, 1, 2, 2, 1, 0)),
+    ],
+)
+def test_execution_plan_tables(strategy, steps, blocks, expected):
+    assert execution_plan(strategy, steps, blocks) == expected
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+
+def test_overlong_source_gives_a_clear_error(tiny):
+    model = tiny_model()
+    too_long = torch.randint(3, 100, (1, tiny["max_position_embeddings"] + 1))
+    with pytest.raises(ValueError, match="max_position_embeddings = 64"):
+        model(input_ids=too_long, decoder_input_ids=too_long[:, :3])
+
+
+@pytest.mark.parametrize("position_embedding_type", ["learned", "sinusoidal"])
+def test_overlong_generation_gives_a_clear_error(position_embedding_type):
+    model = tiny_model(position_embedding_type=position_embedding_type, max_position_embeddings=8)
+    batch = random_batch(src_len=5)
+    with pytest.raises(ValueError, match="target \\(decoder\\) sequence has 9 positions"):
+        model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=20, min_new_tokens=20)
+
+
+# --- decoding, caching, attention kernels ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"normalize_before": True, "add_final_layer_norm": True, "position_embedding_type": "sinusoidal", "scale_embedding": True},
+        {"encoder_layers": 3, "decoder_layers": 3, "sharing_strategy": "cycle_rev", "encoder_unique_layers": 2, "decoder_unique_layers": 2},
+    ],
+)
+def test_cached_decoding_equals_full_recomputation(overrides):
+    assert_cached_decoding_matches(tiny_model(**overrides), random_batch())
+
+
+def test_eager_and_sdpa_agree_and_eager_returns_attention_weights():
+    model = tiny_model()
+    batch = random_batch()
+    with torch.no_grad():
+        sdpa = model(**batch)
+        eager = model(**batch, output_attentions=True, output_hidden_states=True)
+    torch.testing.assert_close(sdpa.logits, eager.logits, atol=1e-5, rtol=1e-5)
+    assert len(eager.encoder_attentions) == 2 and len(eager.decoder_attentions) == 2 and len(eager.cross_attentions) == 2
+    assert eager.cross_attentions[0].shape == (3, 2, 6, 9)  # (batch, heads, tgt_len, src_len)
+    # Padding keys get no weight; causal self-attention gets none from the future.
+    assert eager.encoder_attentions[0][2, :, :, -4:].abs().max() == 0
+    assert torch.triu(eager.decoder_attentions[0][0, 0], diagonal=1).abs().max() == 0
+    # Embedding output + one state per step; the last equals the returned final state.
+    assert len(eager.encoder_hidden_states) == 3
+    torch.testing.assert_close(eager.encoder_hidden_states[-1], eager.encoder_last_hidden_state)
+
+
+def test_generate_greedy_beam_and_sampling():
+    model = tiny_model()
+    batch = random_batch()
+    kwargs = dict(attention_mask=batch["attention_mask"], max_new_tokens=5)
+    greedy = model.generate(batch["input_ids"], do_sample=False, **kwargs)
+    beam = model.generate(batch["input_ids"], num_beams=3, do_sample=False, **kwargs)
+    sampled = model.generate(batch["input_ids"], do_sample=True, top_k=5, **kwargs)
+    for out in (greedy, beam, sampled):
+        assert out.shape[0] == 3 and out.shape[1] <= 6
+    # Greedy decoding is the step-wise argmax of full (uncached) recomputation.
+    prefix = greedy[:, :1]
+    with torch.no_grad():
+        for _ in range(greedy.shape[1] - 1):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=prefix).logits
+            prefix = torch.cat([prefix, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    finished = (greedy == model.config.eos_token_id).cumsum(1) > 0
+    assert torch.equal(greedy[~finished], prefix[~finished])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = tiny_model().train()
+    batch = random_batch()
+    labels = batch.pop("decoder_input_ids")
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model(**batch, labels=labels).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.gradient_checkpointing_enable()
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys() and len(plain) > 10
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_loss_matches_independent_cross_entropy_with_label_smoothing_and_item_count():
+    model = tiny_model(label_smoothing=0.1)
+    batch = random_batch()
+    labels = batch.pop("decoder_input_ids")
+    labels[0, -2:] = -100
+    out = model(**batch, labels=labels)
+    logp = out.logits.log_softmax(-1)
+    keep = labels != -100
+    nll = -logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    smooth = -logp.mean(-1)
+    expected = ((0.9 * nll + 0.1 * smooth)[keep]).mean()
+    torch.testing.assert_close(out.loss, expected)
+    summed = model(**batch, labels=labels, num_items_in_batch=torch.tensor(40)).loss
+    torch.testing.assert_close(summed, (0.9 * nll + 0.1 * smooth)[keep].sum() / 40)
+
+
+def test_torch_compile_captures_the_training_forward_in_one_graph():
+    model = tiny_model()
+    batch = random_batch()
+    labels = batch.pop("decoder_input_ids")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
+    loss = compiled(**batch, labels=labels).loss
+    loss.backward()
+    torch.testing.assert_close(loss, model(**batch, labels=labels).loss)
+    assert model.model.shared.weight.grad is not None
+
+
+def test_tied_embeddings_and_no_duplicate_tensors_in_checkpoint(tmp_path):
+    model = tiny_model()
+    assert model.lm_head.weight.data_ptr() == model.model.shared.weight.data_ptr()
+    assert model.model.encoder.embed_tokens.weight.data_ptr() == model.model.shared.weight.data_ptr()
+    model.save_pretrained(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "model.safetensors", "pt") as handle:
+        keys = set(handle.keys())
+    assert "lm_head.weight" not in keys or "model.shared.weight" not in keys
+
+
+def test_device_map_knows_the_layer_classes():
+    assert {"FusionEncoderLayer", "FusionDecoderLayer"} <= set(FusionTransformerForConditionalGeneration._no_split_modules)
+
+
+# --- Hub-native saving and loading ----------------------------------------------------------------
+
+
+def test_saved_folder_is_self_contained(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    files = {path.name for path in tmp_path.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "modeling_fusion_transformer.py"} <= files
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForSeq2SeqLM"] == "modeling_fusion_transformer.FusionTransformerForConditionalGeneration"
+    assert config["auto_map"]["AutoConfig"] == "configuration_fusion_transformer.FusionTransformerConfig"
+    # Every sibling module the model code imports travelled with it.
+    for source in tmp_path.glob("*.py"):
+        for line in source.read_text().splitlines():
+            if line.startswith("from ."):
+                assert (tmp_path / f"{line.split()[1][1:]}.py").exists(), line
+
+
+def test_roundtrip_in_a_process_without_hf_fusion(tmp_path):
+    assert_roundtrip_in_clean_process(tiny_model(normalize_before=True, add_final_layer_norm=True), tmp_path)
+
+
+def test_roundtrip_through_the_offline_hub_snapshot_path(tmp_path, monkeypatch):
+    hub_home = tmp_path / "hf_home"
+    snapshot = hub_home / "hub" / "models--hf-fusion--tiny" / "snapshots" / ("ab" * 20)
+    tiny_model().save_pretrained(snapshot)
+    (hub_home / "hub" / "models--hf-fusion--tiny" / "refs").mkdir(parents=True)
+    (hub_home / "hub" / "models--hf-fusion--tiny" / "refs" / "main").write_text("ab" * 20)
+    model = tiny_model()
+    model.load_state_dict(FusionTransformerForConditionalGeneration.from_pretrained(snapshot).state_dict())
+    monkeypatch.setenv("HF_HOME", str(hub_home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_home / "hub"))
+    # The clean process inherits HF_HOME, so "hf-fusion/tiny" resolves to the snapshot offline.
+    assert_roundtrip_in_clean_process(model, tmp_path, model_id="hf-fusion/tiny")
+
+
+def test_auto_classes_know_the_family_when_installed(tmp_path):
+    config = AutoConfig.for_model("fusion_transformer", **dict(vocab_size=50, d_model=8, encoder_layers=1, decoder_layers=1,
+                                                                encoder_attention_heads=2, decoder_attention_heads=2,
+                                                                encoder_ffn_dim=16, decoder_ffn_dim=16))
+    model = AutoModelForSeq2SeqLM.from_config(config)
+    assert isinstance(model, FusionTransformerForConditionalGeneration)
+    model.save_pretrained(tmp_path)
+    assert isinstance(AutoModelForSeq2SeqLM.from_pretrained(tmp_path), FusionTransformerForConditionalGeneration)
+    assert "fusion_transformer" in hf_fusion.MODEL_FAMILIES
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(OSError, match="corrupt or truncated") as error:
+        AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+    assert str(tmp_path) in str(error.value)
