@@ -262,10 +262,14 @@ def reference_loss_terms(wrapper: E2S2ForPreTraining, batch: dict[str, torch.Ten
     decoder_input_ids[:, 0] = backbone.config.decoder_start_token_id
     decoder_input_ids[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == -100, backbone.config.pad_token_id)
 
+    # A SurfaceFusion head returns log P itself (hard fusion: the unnormalised mixture it trains on).
+    logits_are_log_probs = getattr(backbone.config, "output_head", "lm") == "surface_fusion"
+
     def nll(input_ids, attention_mask) -> float:
         logits = backbone(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
+        log_probs = logits.double() if logits_are_log_probs else torch.log_softmax(logits.double(), -1)
         losses = [
-            -torch.log_softmax(logits[b, t].double(), -1)[labels[b, t]].item()
+            -log_probs[b, t][labels[b, t]].item()
             for b in range(labels.shape[0])
             for t in range(labels.shape[1])
             if labels[b, t] != -100
