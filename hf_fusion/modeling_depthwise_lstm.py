@@ -11,21 +11,17 @@ from __future__ import annotations
 from .configuration_depthwise_lstm import DepthwiseLSTMConfig
 from .modeling_fusion_transformer import FusionTransformerForConditionalGeneration, FusionTransformerModel
 
-_NO_SPLIT_MODULES = ["DepthwiseLSTMEncoderLayer", "DepthwiseLSTMDecoderLayer"]
-
 
 class DepthwiseLSTMModel(FusionTransformerModel):
     """The depth-wise LSTM encoder-decoder without an output head."""
 
     config_class = DepthwiseLSTMConfig
-    _no_split_modules = _NO_SPLIT_MODULES
 
 
 class DepthwiseLSTMForConditionalGeneration(FusionTransformerForConditionalGeneration):
     """The depth-wise LSTM seq2seq model with its LM head, for ``Seq2SeqTrainer`` and ``generate``."""
 
     config_class = DepthwiseLSTMConfig
-    _no_split_modules = _NO_SPLIT_MODULES
 
 
 __all__ = ["DepthwiseLSTMModel", "DepthwiseLSTMForConditionalGeneration"]

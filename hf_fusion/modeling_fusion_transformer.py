@@ -119,6 +119,7 @@ class FusionTransformerPreTrainedModel(PreTrainedModel):
     config_class = FusionTransformerConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
+    # Every layer class a depth connection can bring (device_map="auto" keeps each on one device).
     _no_split_modules = ["FusionEncoderLayer", "FusionDecoderLayer", "DepthwiseLSTMEncoderLayer", "DepthwiseLSTMDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _keys_to_ignore_on_load_unexpected = [r"embed_positions\.weight"]
