@@ -7,8 +7,8 @@ batches, interleaved round by round so that machine load hits all models alike. 
 - training step: forward + backward + AdamW step, median seconds over the rounds;
 - generation: greedy and beam-4 tokens/s with a forced output length;
 - peak memory of a training step: on CUDA ``max_memory_allocated``; on CPU the peak RSS of a
-  fresh subprocess that builds the model and runs a few steps (RSS is per process, so each model
-  gets its own).
+  fresh subprocess that builds the model and runs a few steps, minus its RSS after the imports
+  (RSS is per process, so each model gets its own).
 
 Ratios are ``bart_time / model_time`` for steps (>1 = faster than BART) and
 ``model_tokens_per_s / bart_tokens_per_s`` for generation (>1 = faster than BART).
@@ -54,6 +54,11 @@ SIZE = dict(
 VARIANTS: dict[str, tuple[str, dict]] = {
     "bart": ("bart", {}),
     "fusion_transformer": ("fusion_transformer", {}),
+    "encoder_fusion_transparent": ("encoder_fusion", {"fusion_mode": "transparent"}),
+    "encoder_fusion_fine_grained": ("encoder_fusion", {"fusion_mode": "fine_grained"}),
+    "encoder_fusion_dlcl": ("encoder_fusion", {"fusion_mode": "dlcl"}),
+    "surface_fusion": ("surface_fusion", {}),
+    "depthwise_lstm": ("depthwise_lstm", {}),
 }
 
 
@@ -126,13 +131,16 @@ def peak_memory_mb(name: str, device: str, batch_args: tuple[int, int, int]) -> 
         torch.cuda.reset_peak_memory_stats()
         time_train_step(model, optimizer, make_batch(*batch_args, device), device, 3)
         return torch.cuda.max_memory_allocated() / 2**20
+    # Peak RSS minus the RSS after the imports: the model, its gradients, the optimizer state and
+    # the activations, without the interpreter and library baseline every process pays.
     code = (
         "import sys, resource, torch; sys.argv=['x']; "
         f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
         "import speed; "
+        "base = int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]); "
         f"m = speed.build({name!r}); o = torch.optim.AdamW(m.parameters(), lr=1e-4); "
         f"speed.time_train_step(m, o, speed.make_batch(*{batch_args!r}, 'cpu'), 'cpu', 3); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(result.stdout.strip().splitlines()[-1]) / 1024
