@@ -11,11 +11,13 @@ from __future__ import annotations
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
 from .configuration_fusion_transformer import FusionTransformerConfig
+from .configuration_recurrent_stacking import RecurrentStackingConfig
 from .modeling_fusion_transformer import (
     FusionTransformerForConditionalGeneration,
     FusionTransformerModel,
     FusionTransformerPreTrainedModel,
 )
+from .modeling_recurrent_stacking import RecurrentStackingForConditionalGeneration, RecurrentStackingModel
 
 # (config class, base model class, LM class) of every model family.
 MODEL_FAMILIES = {
@@ -23,6 +25,11 @@ MODEL_FAMILIES = {
         FusionTransformerConfig,
         FusionTransformerModel,
         FusionTransformerForConditionalGeneration,
+    ),
+    RecurrentStackingConfig.model_type: (
+        RecurrentStackingConfig,
+        RecurrentStackingModel,
+        RecurrentStackingForConditionalGeneration,
     ),
 }
 
@@ -40,6 +47,7 @@ def _register_families() -> None:
 _register_families()
 
 from .convert import convert_from_pretrained  # noqa: E402  (needs the registered families)
+from .transfer import transfer_from_pretrained  # noqa: E402  (needs the registered families)
 
 __all__ = [
     "MODEL_FAMILIES",
@@ -48,4 +56,8 @@ __all__ = [
     "FusionTransformerPreTrainedModel",
     "FusionTransformerForConditionalGeneration",
     "convert_from_pretrained",
+    "RecurrentStackingConfig",
+    "RecurrentStackingModel",
+    "RecurrentStackingForConditionalGeneration",
+    "transfer_from_pretrained",
 ]
