@@ -93,8 +93,21 @@ class Budget:
     seed: int = 0
 
 
-SMOKE = Budget(train_pairs=64, test_pairs=16, vocab_size=200, d_model=32, ffn_dim=64, steps=4, batch_size=8,
-               warmup_steps=1, max_new_tokens=8, kd_batch_size=16, speed_sentences=8, speed_batch_size=8, speed_rounds=1)
+SMOKE = Budget(
+    train_pairs=64,
+    test_pairs=16,
+    vocab_size=200,
+    d_model=32,
+    ffn_dim=64,
+    steps=4,
+    batch_size=8,
+    warmup_steps=1,
+    max_new_tokens=8,
+    kd_batch_size=16,
+    speed_sentences=8,
+    speed_batch_size=8,
+    speed_rounds=1,
+)
 
 ROWS = {
     "vanilla": "vanilla 6+6",
@@ -106,22 +119,22 @@ ROWS = {
 
 def model_config(budget: Budget, vocab_size: int, shared: bool) -> FusionTransformerConfig:
     """Pre-norm Transformer (stable at this learning rate with a short warmup), tied embeddings."""
-    fields = dict(
-        vocab_size=vocab_size,
-        d_model=budget.d_model,
-        encoder_layers=budget.depth,
-        decoder_layers=budget.depth,
-        encoder_attention_heads=budget.heads,
-        decoder_attention_heads=budget.heads,
-        encoder_ffn_dim=budget.ffn_dim,
-        decoder_ffn_dim=budget.ffn_dim,
-        max_position_embeddings=max(64, budget.max_length + budget.max_new_tokens),
-        dropout=budget.dropout,
-        label_smoothing=budget.label_smoothing,
-        normalize_before=True,
-        add_final_layer_norm=True,
-        scale_embedding=True,
-    )
+    fields = {
+        "vocab_size": vocab_size,
+        "d_model": budget.d_model,
+        "encoder_layers": budget.depth,
+        "decoder_layers": budget.depth,
+        "encoder_attention_heads": budget.heads,
+        "decoder_attention_heads": budget.heads,
+        "encoder_ffn_dim": budget.ffn_dim,
+        "decoder_ffn_dim": budget.ffn_dim,
+        "max_position_embeddings": max(64, budget.max_length + budget.max_new_tokens),
+        "dropout": budget.dropout,
+        "label_smoothing": budget.label_smoothing,
+        "normalize_before": True,
+        "add_final_layer_norm": True,
+        "scale_embedding": True,
+    }
     return RecurrentStackingConfig(**fields) if shared else FusionTransformerConfig(**fields)
 
 
@@ -159,7 +172,9 @@ class Experiment:
         if tokenizer_dir.exists():
             self.tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
         else:
-            self.tokenizer = train_tokenizer(list(self.train["source"]) + list(self.train["target"]), vocab_size=self.budget.vocab_size)
+            self.tokenizer = train_tokenizer(
+                list(self.train["source"]) + list(self.train["target"]), vocab_size=self.budget.vocab_size
+            )
             self.tokenizer.save_pretrained(tokenizer_dir)
         self.results["data"] = {
             "corpus": self.budget.corpus,
@@ -217,7 +232,11 @@ class Experiment:
         model.config.use_cache = True
         model.save_pretrained(output_dir)
         self.results["rows"].setdefault(name, {}).update(
-            {"train_loss": round(result.training_loss, 4), "steps": budget.steps, "total_steps": budget.steps + inherited_steps}
+            {
+                "train_loss": round(result.training_loss, 4),
+                "steps": budget.steps,
+                "total_steps": budget.steps + inherited_steps,
+            }
         )
         self.timed(f"train_{name}", time.time() - start)
 
@@ -231,10 +250,15 @@ class Experiment:
         outputs = []
         for start in range(0, len(sources), batch_size):
             encoded = self.tokenizer(
-                sources[start : start + batch_size], return_tensors="pt", padding=True, truncation=True,
+                sources[start : start + batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
                 max_length=self.budget.max_length,
             )
-            generated = model.generate(**encoded, num_beams=self.budget.num_beams, max_new_tokens=self.budget.max_new_tokens)
+            generated = model.generate(
+                **encoded, num_beams=self.budget.num_beams, max_new_tokens=self.budget.max_new_tokens
+            )
             outputs.extend(text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True))
         return outputs
 
@@ -275,7 +299,9 @@ class Experiment:
         start = time.time()
         models = {name: self.load(name) for name in names}
         sources = self.test_sources[: self.budget.speed_sentences]
-        self.translate(models[names[0]], sources[: self.budget.speed_batch_size], self.budget.speed_batch_size)  # warm-up
+        self.translate(
+            models[names[0]], sources[: self.budget.speed_batch_size], self.budget.speed_batch_size
+        )  # warm-up
         times: dict[str, list[float]] = {name: [] for name in names}
         for _ in range(self.budget.speed_rounds):
             for name, model in models.items():
@@ -285,7 +311,10 @@ class Experiment:
         for name in names:
             best = min(times[name])
             self.results["rows"][name].update(
-                {"sentences_per_second": round(len(sources) / best, 2), "decode_seconds_rounds": [round(t, 2) for t in times[name]]}
+                {
+                    "sentences_per_second": round(len(sources) / best, 2),
+                    "decode_seconds_rounds": [round(t, 2) for t in times[name]],
+                }
             )
         self.timed("speed", time.time() - start)
 
@@ -297,7 +326,11 @@ class Experiment:
         self.data()
         vocab = len(self.tokenizer)
 
-        self.train_model("vanilla", FusionTransformerForConditionalGeneration(model_config(self.budget, vocab, shared=False)), self.train)
+        self.train_model(
+            "vanilla",
+            FusionTransformerForConditionalGeneration(model_config(self.budget, vocab, shared=False)),
+            self.train,
+        )
         self.evaluate("vanilla")
 
         torch.manual_seed(self.budget.seed)
@@ -306,7 +339,9 @@ class Experiment:
         self.evaluate("recurrent_scratch")
 
         teacher = self.load("vanilla")
-        self.train_model("recurrent_transfer", transfer_from_pretrained(teacher, block_source="mean"), self.train, self.budget.steps)
+        self.train_model(
+            "recurrent_transfer", transfer_from_pretrained(teacher, block_source="mean"), self.train, self.budget.steps
+        )
         self.evaluate("recurrent_transfer")
 
         if not (self.work_dir / "models" / "recurrent_transfer_kd" / "config.json").exists():
@@ -346,9 +381,11 @@ def markdown(results: dict) -> str:
         "# Recurrent stacking: compression, transfer learning and distillation (measured)",
         "",
         "Produced by `benchmarks/compression.py` (numbers below come from `compression.json`). Corpus: Ding EN->DE",
-        f"example sentences (`training.data.build_default_corpus(\"{budget['corpus']}\")`), first "
-        f"{results['data']['train_pairs']} training pairs, first {results['data']['test_pairs']} test pairs; joint unigram "
-        f"tokenizer, {results['data']['vocab_size']} pieces.",
+        (
+            f'example sentences (`training.data.build_default_corpus("{budget["corpus"]}")`), first '
+            f"{results['data']['train_pairs']} training pairs, first {results['data']['test_pairs']} test pairs; joint unigram "
+            f"tokenizer, {results['data']['vocab_size']} pieces."
+        ),
         "",
         "| model | parameters | vs vanilla | BLEU | chrF | train steps (incl. teacher) | final train loss | decode sent/s | mean output tokens |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -368,28 +405,42 @@ def markdown(results: dict) -> str:
         "",
         "## Budget (identical for every row)",
         "",
-        f"- Model: pre-norm Transformer, d_model {budget['d_model']}, FFN {budget['ffn_dim']}, {budget['heads']} heads, "
-        f"{budget['depth']} encoder + {budget['depth']} decoder steps, tied embeddings, dropout {budget['dropout']}, "
-        f"label smoothing {budget['label_smoothing']}. Recurrent rows: one parameter block per stack "
-        "(`RecurrentStackingConfig()`), run at all 6 steps.",
-        f"- Training: `Seq2SeqTrainer`, {budget['steps']} steps of batch {budget['batch_size']} (AdamW, lr "
-        f"{budget['learning_rate']}, {budget['warmup_steps']} warmup steps then linear decay, weight decay 0.01), "
-        f"sources/targets truncated to {budget['max_length']} tokens, seed {budget['seed']}, one CPU thread.",
-        "- Transfer: `hf_fusion.transfer_from_pretrained(vanilla, block_source=\"mean\")`: each shared layer starts as "
-        "the mean of the trained vanilla model's 6 layers; embeddings, positions, norms and output bias are copied.",
-        f"- Sequence-level KD: the vanilla teacher translates the {results['data']['train_pairs']} training sources "
-        f"(beam {budget['num_beams']}, `training.distill.distill_dataset`); the student trains on those outputs.",
-        f"- Evaluation: beam {budget['num_beams']}, at most {budget['max_new_tokens']} new tokens; BLEU and chrF from "
-        "sacrebleu (`training.metrics.load_translation_metric`). Decoding speed: "
-        f"{budget['speed_sentences']} test sentences in batches of {budget['speed_batch_size']}, beam "
-        f"{budget['num_beams']}, models interleaved over {budget['speed_rounds']} rounds, fastest round kept.",
+        (
+            f"- Model: pre-norm Transformer, d_model {budget['d_model']}, FFN {budget['ffn_dim']}, {budget['heads']} heads, "
+            f"{budget['depth']} encoder + {budget['depth']} decoder steps, tied embeddings, dropout {budget['dropout']}, "
+            f"label smoothing {budget['label_smoothing']}. Recurrent rows: one parameter block per stack "
+            "(`RecurrentStackingConfig()`), run at all 6 steps."
+        ),
+        (
+            f"- Training: `Seq2SeqTrainer`, {budget['steps']} steps of batch {budget['batch_size']} (AdamW, lr "
+            f"{budget['learning_rate']}, {budget['warmup_steps']} warmup steps then linear decay, weight decay 0.01), "
+            f"sources/targets truncated to {budget['max_length']} tokens, seed {budget['seed']}, one CPU thread."
+        ),
+        (
+            '- Transfer: `hf_fusion.transfer_from_pretrained(vanilla, block_source="mean")`: each shared layer starts as '
+            "the mean of the trained vanilla model's 6 layers; embeddings, positions, norms and output bias are copied."
+        ),
+        (
+            f"- Sequence-level KD: the vanilla teacher translates the {results['data']['train_pairs']} training sources "
+            f"(beam {budget['num_beams']}, `training.distill.distill_dataset`); the student trains on those outputs."
+        ),
+        (
+            f"- Evaluation: beam {budget['num_beams']}, at most {budget['max_new_tokens']} new tokens; BLEU and chrF from "
+            "sacrebleu (`training.metrics.load_translation_metric`). Decoding speed: "
+            f"{budget['speed_sentences']} test sentences in batches of {budget['speed_batch_size']}, beam "
+            f"{budget['num_beams']}, models interleaved over {budget['speed_rounds']} rounds, fastest round kept."
+        ),
         "",
         "## Caveats",
         "",
-        "- The budget is tiny (a few minutes of one shared CPU thread per model): absolute BLEU is far below what "
-        "these architectures reach; only the comparison between rows is informative, and one seed gives no error bars.",
-        "- Recurrent stacking saves parameters, not computation: all rows run 6+6 layer steps, so decoding speed "
-        "differs only through output length, memory traffic and noise from other processes on the shared CPU.",
+        (
+            "- The budget is tiny (a few minutes of one shared CPU thread per model): absolute BLEU is far below what "
+            "these architectures reach; only the comparison between rows is informative, and one seed gives no error bars."
+        ),
+        (
+            "- Recurrent stacking saves parameters, not computation: all rows run 6+6 layer steps, so decoding speed "
+            "differs only through output length, memory traffic and noise from other processes on the shared CPU."
+        ),
         "- The transfer and KD rows also benefit from the teacher's training steps (shown in brackets).",
         "",
         "## Stage timings (seconds)",
