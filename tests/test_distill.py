@@ -134,7 +134,10 @@ def test_interrupted_translation_resumes(tokenizer, tmp_path, monkeypatch) -> No
     monkeypatch.setattr(teacher, "generate", crash_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         sequence_level_kd_targets(teacher, tokenizer, SOURCES, tmp_path, **kwargs)
-    assert len((next(tmp_path.glob("*.partial.jsonl"))).read_text().splitlines()) == 4
+    partial = next(tmp_path.glob("*.partial.jsonl"))
+    assert len(partial.read_text().splitlines()) == 4
+    with partial.open("a") as file:
+        file.write('"a line cut off by a cra')  # a crash in the middle of writing a translation
     assert teacher.training is False
     calls.clear()
     assert sequence_level_kd_targets(teacher, tokenizer, SOURCES, tmp_path, **kwargs) == reference

@@ -140,28 +140,26 @@ def sequence_level_kd_targets(
     # Longest first: similar lengths share a batch, and a too-long batch fails at once, not at the end.
     order = sorted(range(len(sources)), key=lambda index: -len(sources[index]))
     partial_path = cache_dir / f"seqkd-{key}.partial.jsonl"
-    done = (
-        [json.loads(line) for line in partial_path.read_text(encoding="utf-8").splitlines()]
-        if partial_path.exists()
-        else []
-    )
-    done = done[: len(done) - len(done) % batch_size]  # only whole batches (a crash may cut the last one)
+    done = []
+    if partial_path.exists():
+        for line in partial_path.read_text(encoding="utf-8").splitlines(keepends=True):
+            if not line.endswith("\n"):  # cut off by a crash mid-write: translate that sentence again
+                break
+            done.append(json.loads(line))
     device = next(teacher.parameters()).device
     was_training = teacher.training
     teacher.eval()
-    starts = range(len(done), len(sources), batch_size)
     try:
         with partial_path.open("w", encoding="utf-8") as partial, torch.no_grad():
             partial.writelines(json.dumps(text) + "\n" for text in done)
             bar = tqdm(
-                starts,
+                total=len(sources),
+                initial=len(done),
                 desc="teacher translations",
-                unit="batch",
+                unit="sent",
                 disable=not show_progress,
-                initial=len(done) // batch_size,
-                total=len(done) // batch_size + len(starts),
             )
-            for start in bar:
+            for start in range(len(done), len(sources), batch_size):
                 batch = [sources[index] for index in order[start : start + batch_size]]
                 encoded = tokenizer(
                     batch,
@@ -180,6 +178,8 @@ def sequence_level_kd_targets(
                 partial.writelines(json.dumps(text) + "\n" for text in texts)
                 partial.flush()
                 done.extend(texts)
+                bar.update(len(texts))
+            bar.close()
     finally:
         teacher.train(was_training)
 
