@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -113,7 +114,7 @@ def block_sources(
     return sources
 
 
-def _as_fusion_model(teacher: str | PreTrainedModel, load_kwargs: dict[str, Any]) -> PreTrainedModel:
+def _as_fusion_model(teacher: str | os.PathLike | PreTrainedModel, load_kwargs: dict[str, Any]) -> PreTrainedModel:
     """An hf_fusion model equal to ``teacher`` (loaded, and converted if it is BART/mBART/Marian)."""
     from . import MODEL_FAMILIES
 
@@ -129,7 +130,7 @@ def _as_fusion_model(teacher: str | PreTrainedModel, load_kwargs: dict[str, Any]
 
 
 def transfer_from_pretrained(
-    teacher: str | PreTrainedModel,
+    teacher: str | os.PathLike | PreTrainedModel,
     sharing_strategy: str | None = None,
     encoder_unique_layers: int | None = None,
     decoder_unique_layers: int | None = None,

@@ -292,6 +292,7 @@ def test_roundtrip_in_clean_process(tiny: dict, tmp_path) -> None:
         3,
     )
     assert (folder / "configuration_recurrent_stacking.py").exists() and (folder / "sharing.py").exists()
+    assert not (folder / "transfer.py").exists()  # training-time library code stays out of checkpoints
 
 
 # --- transfer learning ---------------------------------------------------------------------------
