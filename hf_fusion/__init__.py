@@ -10,37 +10,31 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
-from .configuration_encoder_fusion import EncoderFusionConfig
 from .configuration_depthwise_lstm import DepthwiseLSTMConfig
+from .configuration_encoder_fusion import EncoderFusionConfig
 from .configuration_fusion_transformer import FusionTransformerConfig
+from .configuration_recurrent_stacking import RecurrentStackingConfig
+from .configuration_surface_fusion import SurfaceFusionConfig
+from .modeling_depthwise_lstm import DepthwiseLSTMForConditionalGeneration, DepthwiseLSTMModel
 from .modeling_encoder_fusion import EncoderFusionForConditionalGeneration, EncoderFusionModel
 from .modeling_fusion_transformer import (
     FusionTransformerForConditionalGeneration,
     FusionTransformerModel,
     FusionTransformerPreTrainedModel,
 )
-from .modeling_depthwise_lstm import DepthwiseLSTMForConditionalGeneration, DepthwiseLSTMModel
-from .configuration_surface_fusion import SurfaceFusionConfig
+from .modeling_recurrent_stacking import RecurrentStackingForConditionalGeneration, RecurrentStackingModel
 from .modeling_surface_fusion import SurfaceFusionForConditionalGeneration, SurfaceFusionModel
 
-# (config class, base model class, LM class) of every model family.
+# model_type -> (config class, base model class, LM class) of every model family.
 MODEL_FAMILIES = {
-    FusionTransformerConfig.model_type: (
-        FusionTransformerConfig,
-        FusionTransformerModel,
-        FusionTransformerForConditionalGeneration,
-    ),
-    EncoderFusionConfig.model_type: (
-        EncoderFusionConfig,
-        EncoderFusionModel,
-        EncoderFusionForConditionalGeneration,
-    ),
-    DepthwiseLSTMConfig.model_type: (DepthwiseLSTMConfig, DepthwiseLSTMModel, DepthwiseLSTMForConditionalGeneration),
-    SurfaceFusionConfig.model_type: (
-        SurfaceFusionConfig,
-        SurfaceFusionModel,
-        SurfaceFusionForConditionalGeneration,
-    ),
+    config_class.model_type: (config_class, base_class, lm_class)
+    for config_class, base_class, lm_class in (
+        (FusionTransformerConfig, FusionTransformerModel, FusionTransformerForConditionalGeneration),
+        (EncoderFusionConfig, EncoderFusionModel, EncoderFusionForConditionalGeneration),
+        (SurfaceFusionConfig, SurfaceFusionModel, SurfaceFusionForConditionalGeneration),
+        (RecurrentStackingConfig, RecurrentStackingModel, RecurrentStackingForConditionalGeneration),
+        (DepthwiseLSTMConfig, DepthwiseLSTMModel, DepthwiseLSTMForConditionalGeneration),
+    )
 }
 
 
@@ -57,6 +51,7 @@ def _register_families() -> None:
 _register_families()
 
 from .convert import convert_from_pretrained  # noqa: E402  (needs the registered families)
+from .transfer import transfer_from_pretrained  # noqa: E402  (needs the registered families)
 
 __all__ = [
     "MODEL_FAMILIES",
@@ -67,11 +62,15 @@ __all__ = [
     "EncoderFusionConfig",
     "EncoderFusionModel",
     "EncoderFusionForConditionalGeneration",
-    "convert_from_pretrained",
-    "DepthwiseLSTMConfig",
-    "DepthwiseLSTMModel",
-    "DepthwiseLSTMForConditionalGeneration",
     "SurfaceFusionConfig",
     "SurfaceFusionModel",
     "SurfaceFusionForConditionalGeneration",
+    "RecurrentStackingConfig",
+    "RecurrentStackingModel",
+    "RecurrentStackingForConditionalGeneration",
+    "DepthwiseLSTMConfig",
+    "DepthwiseLSTMModel",
+    "DepthwiseLSTMForConditionalGeneration",
+    "convert_from_pretrained",
+    "transfer_from_pretrained",
 ]

@@ -17,7 +17,7 @@ import logging
 from typing import Any
 
 import torch
-from transformers import AutoModelForSeq2SeqLM, PreTrainedModel
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
 from .configuration_fusion_transformer import SIZE_FIELDS
 
@@ -150,6 +150,21 @@ def convert_from_pretrained(
     return target.to(source_model.dtype)
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["dropout=0.3", "activation_function=relu"]`` -> config overrides; values are read as JSON
+    where they parse (numbers, booleans, null) and kept as strings otherwise."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        field, separator, value = item.partition("=")
+        if not separator or not field:
+            raise ValueError(f"Config override {item!r} must look like FIELD=VALUE.")
+        try:
+            overrides[field] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[field] = value
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> None:
     """``hf-fusion-convert SOURCE OUTPUT [--model_type T] [--set key=value ...]``."""
     parser = argparse.ArgumentParser(description="Convert a BART/mBART/Marian checkpoint to an hf_fusion model.")
@@ -158,20 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model_type", default="fusion_transformer", help="hf_fusion family to build")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="config overrides (JSON values)")
     args = parser.parse_args(argv)
-
-
-    overrides = {}
-    for item in args.set:
-        field, _, value = item.partition("=")
-        try:
-            overrides[field] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[field] = value
-    model = convert_from_pretrained(args.source, args.model_type, **overrides)
+    model = convert_from_pretrained(args.source, args.model_type, **parse_overrides(args.set))
     model.save_pretrained(args.output_dir)
     try:
-        from transformers import AutoTokenizer
-
         AutoTokenizer.from_pretrained(args.source).save_pretrained(args.output_dir)
     except (OSError, ValueError):
         logger.warning("No tokenizer found at %s; the converted folder holds the model only.", args.source)
