@@ -59,6 +59,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "encoder_fusion_dlcl": ("encoder_fusion", {"fusion_mode": "dlcl"}),
     "surface_fusion": ("surface_fusion", {}),
     "depthwise_lstm": ("depthwise_lstm", {}),
+    "recurrent_stacking": ("recurrent_stacking", {}),
 }
 
 
