@@ -260,7 +260,7 @@ def parse_experiment(config_path: str | Path | None, argv: list[str] | None = No
     defaults = {key: value for key, value in settings.items() if key != MODEL_CONFIG_KEY}
     options, config_overrides, given = _split_overrides(list(argv or []))
 
-    parser = HfArgumentParser(ARGUMENT_CLASSES, exit_on_error=False)
+    parser = HfArgumentParser(ARGUMENT_CLASSES, exit_on_error=False, allow_abbrev=False)
     parser.set_defaults(**defaults)
     try:
         model_args, data_args, training_args, remaining = parser.parse_args_into_dataclasses(

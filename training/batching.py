@@ -239,9 +239,9 @@ def count_real_tokens(batch: dict[str, torch.Tensor]) -> int:
     return count
 
 
-def padded_fraction(lengths: np.ndarray, batches: list[list[int]]) -> float:
-    """Fraction of padded positions over ``batches`` for rows of ``lengths`` (a sampler diagnostic)."""
-    real = sum(int(lengths[b].sum()) for b in batches)
-    total = sum(int(lengths[b].max()) * len(b) for b in batches)
+def padded_fraction(source_lengths: np.ndarray, target_lengths: np.ndarray, batches: list[list[int]]) -> float:
+    """Fraction of the source + target positions of ``batches`` that are padding (each side is
+    padded to its longest row in the batch)."""
+    real = sum(int(source_lengths[b].sum() + target_lengths[b].sum()) for b in batches)
+    total = sum(len(b) * int(source_lengths[b].max() + target_lengths[b].max()) for b in batches)
     return 1.0 - real / total if total else 0.0
-

@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,19 @@ def prepare_data(
 
 
 # --- model --------------------------------------------------------------------------------------
+def check_model_arguments(model_args: ModelArguments) -> None:
+    """Fail before any data work when the family or a config field is wrong (the config is built
+    once here with a stand-in vocabulary size; the real one comes from the tokenizer)."""
+    if model_args.model_name_or_path:
+        return
+    if model_args.model_type not in hf_fusion.MODEL_FAMILIES:
+        raise ValueError(
+            f"model_type={model_args.model_type!r} is not an hf_fusion family; allowed: "
+            f"{', '.join(hf_fusion.MODEL_FAMILIES)}."
+        )
+    AutoConfig.for_model(model_args.model_type, **{"vocab_size": 1000, **model_args.model_config})
+
+
 def build_model(model_args: ModelArguments, tokenizer: Any) -> PreTrainedModel:
     """A fresh model of ``model_type`` sized to the tokenizer, or the checkpoint to fine-tune.
 
@@ -202,11 +216,7 @@ def build_model(model_args: ModelArguments, tokenizer: Any) -> PreTrainedModel:
                 f"({', '.join(ARCHITECTURES)})."
             )
     else:
-        if model_args.model_type not in hf_fusion.MODEL_FAMILIES:
-            raise ValueError(
-                f"model_type={model_args.model_type!r} is not an hf_fusion family; allowed: "
-                f"{', '.join(hf_fusion.MODEL_FAMILIES)}."
-            )
+        check_model_arguments(model_args)
         fields.setdefault("vocab_size", len(tokenizer))
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             fields.setdefault(name, getattr(tokenizer, name))
@@ -398,15 +408,34 @@ def _card_facts(
     )
 
 
-def train(experiment: Experiment, callbacks: Sequence[TrainerCallback] = ()) -> RunResult:
-    """Run an experiment end to end (see the module docstring). ``callbacks`` are added to the
-    Trainer's (e.g. to stop a run from a test)."""
+def train(
+    experiment: Experiment,
+    callbacks: Sequence[TrainerCallback] = (),
+    model_builder: Callable[[Any], PreTrainedModel] | None = None,
+    export: bool = True,
+) -> RunResult:
+    """Run an experiment end to end (see the module docstring).
+
+    Args:
+        experiment: The parsed arguments.
+        callbacks: Added to the Trainer's (e.g. to stop a run from a test).
+        model_builder: ``tokenizer -> model`` instead of :func:`build_model`, e.g. a baseline
+            that is not an hf_fusion family (``benchmarks/main_vs_bart.py``).
+        export: Write the Hub-ready folder (needs an hf_fusion model).
+    """
     args = experiment.training
+    check_model_arguments(experiment.model)
     set_seed(args.seed)
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     data = prepare_data(experiment.model, experiment.data, args)
+    if args.eval_strategy != "no" and "validation" not in data.evaluation:
+        raise ValueError(
+            f"eval_strategy={args.eval_strategy.value!r} needs a validation split, and the data has only "
+            f"{', '.join(data.splits)}: pass --validation_file, or --eval_strategy no "
+            "(then also --load_best_model_at_end false)."
+        )
     with args.main_process_first(desc="loading the model"):
-        model = build_model(experiment.model, data.tokenizer)
+        model = (model_builder or partial(build_model, experiment.model))(data.tokenizer)
     gen_max_length = args.generation_max_length or experiment.data.max_target_length
     configure_generation(model, args.final_num_beams, gen_max_length)
 
@@ -435,7 +464,9 @@ def train(experiment: Experiment, callbacks: Sequence[TrainerCallback] = ()) -> 
         trainer.log_metrics(final_name, scores)
 
     export_dir, revision = None, None
-    if trainer.is_world_process_zero():
+    if not export and trainer.is_world_process_zero():
+        (Path(args.output_dir) / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+    elif trainer.is_world_process_zero():
         export_dir = Path(args.export_dir)
         output_dir = Path(args.output_dir)
         curves = output_dir / "training_curves.png"
@@ -503,7 +534,6 @@ def describe_data(experiment: Experiment) -> str:
             f"{int(pairs.target_lengths.max())}"
         )
     train = data.train
-    widths = np.maximum(train.source_lengths, train.target_lengths)
     bucketed = LengthBucketBatchSampler(
         train.source_lengths, train.target_lengths, args.max_tokens_per_batch, args.per_device_train_batch_size, args.seed
     ).batches
@@ -512,7 +542,7 @@ def describe_data(experiment: Experiment) -> str:
     random_batches = [shuffled[start : start + rows].tolist() for start in range(0, len(train), rows)]
     lines.append(
         f"Training batches: {len(bucketed):,} length-bucketed batches per epoch, "
-        f"{padded_fraction(widths, bucketed):.1%} padding (random batches of {rows}: "
-        f"{padded_fraction(widths, random_batches):.1%})"
+        f"{padded_fraction(train.source_lengths, train.target_lengths, bucketed):.1%} padding (random batches of {rows}: "
+        f"{padded_fraction(train.source_lengths, train.target_lengths, random_batches):.1%})"
     )
     return "\n".join(lines)

@@ -176,7 +176,8 @@ class _SamplerEpochCallback(TrainerCallback):
 
 
 class TimeBudgetCallback(TrainerCallback):
-    """Stops training after ``minutes`` of wall time (the best/last model is kept as usual).
+    """Stops training after ``minutes`` of wall time, evaluating and saving the last state first
+    (so best-model selection sees it).
 
     Every process must stop at the same step, so under DDP the main process decides and the
     decision is broadcast (one tiny collective per step, negligible next to a training step).
@@ -197,4 +198,5 @@ class TimeBudgetCallback(TrainerCallback):
         if over.item():
             control.should_training_stop = True
             control.should_save = True
+            control.should_evaluate = args.eval_strategy != "no"
         return control

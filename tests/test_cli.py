@@ -1,0 +1,296 @@
+"""The training tool end to end: every debug config, resumption, data errors, batching.
+
+Runs train on a few hundred real Ding pairs (tests/cli_helpers.py) with tiny models, so each
+end-to-end run takes seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq
+
+import hf_fusion  # noqa: F401  (registers the families with the Auto classes)
+from tests.cli_helpers import CONFIG_DIR, REPO_ROOT, RecordingHub, data_overrides, debug_configs, ding_files
+from tests.helpers import run_in_clean_process
+from training.arguments import parse_experiment
+from training.batching import LengthBucketBatchSampler, PairCollator, TokenizedPairs, padded_fraction
+from training.cli import main
+from training.export import check_export
+
+QUIET = ["--disable_tqdm", "true"]
+
+
+def _scalars(run_dir: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events_dir,) = list((run_dir / "runs").iterdir())
+    accumulator = EventAccumulator(str(events_dir))
+    accumulator.Reload()
+    return {tag: [event.value for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def _generate(folder: Path, sentences: list[str], tmp_path: Path) -> tuple[list[str], list[str]]:
+    """Beam-search ``sentences`` with the folder's generation config, in a process where hf_fusion
+    cannot be imported (remote code) and in this one (the installed package)."""
+    result = run_in_clean_process(
+        f"""
+        import json
+        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained({str(folder)!r})
+        model = AutoModelForSeq2SeqLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert model.config.use_cache and "hf_fusion" not in type(model).__module__
+        batch = tokenizer({sentences!r}, return_tensors="pt", padding=True)
+        print(json.dumps(tokenizer.batch_decode(model.generate(**batch), skip_special_tokens=True)))
+        """,
+        tmp_path,
+    )
+    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        local = tokenizer.batch_decode(
+            model.generate(**tokenizer(sentences, return_tensors="pt", padding=True)), skip_special_tokens=True
+        )
+    return remote, local
+
+
+@pytest.mark.parametrize("config", debug_configs(), ids=lambda path: path.stem)
+def test_debug_config_trains_evaluates_exports_and_reloads(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    hub = RecordingHub()
+    monkeypatch.setattr(transformers.utils.hub, "_hf_api", hub)
+    run = tmp_path / "run"
+    status = main(
+        ["train", str(config), "--output_dir", str(run), *data_overrides(), *QUIET,
+         "--push_to_hub", "--hub_model_id", "test-org/debug-model"]
+    )
+    printed = capsys.readouterr().out
+    assert status == 0
+    results = json.loads((run / "results.json").read_text())
+    assert f"test BLEU {results['test_bleu']:.2f}" in printed and "trust_remote_code=True" in printed
+    assert results["train_steps"] == parse_experiment(config).training.max_steps
+
+    final = run / "final"
+    check_export(final)  # weights, config with auto_map and use_cache, code files, tokenizer, card
+    assert len((final / "test_predictions.txt").read_text().splitlines()) == 16
+    card = ModelCard.load(final / "README.md")
+    scores = {result.metric_type: result.metric_value for result in card.data.eval_results}
+    assert scores == {"bleu": round(results["test_bleu"], 2), "chrf": round(results["test_chrf"], 2)}
+    assert (final / "training_curves.png").stat().st_size > 0
+    scalars = _scalars(run)
+    assert {"train/loss", "train/learning_rate", "train/tokens_per_second", "eval/bleu", "eval/chrf"} <= set(scalars)
+
+    # The push went through the Hub client with the exported folder, then pinned the card.
+    assert [name for name, _ in hub.calls] == ["create_repo", "upload_folder", "upload_file"]
+    (_, first_oid, uploaded), (_, _, pinned) = hub.commits
+    assert uploaded["config.json"] == (final / "config.json").read_bytes()
+    assert f'revision = "{first_oid}"' in pinned["README.md"].decode()
+
+    sentences = ding_files()["test"].read_text().splitlines()[:3]
+    sources = [json.loads(line)["source"] for line in sentences]
+    remote, local = _generate(final, sources, tmp_path)
+    assert remote == local and len(remote) == 3
+
+    # `hf-fusion evaluate` on the exported folder reproduces the test scores of the run.
+    assert main(["evaluate", str(final), "--output_dir", str(tmp_path), *QUIET]) == 0
+    evaluated = json.loads((tmp_path / "test_results.json").read_text())
+    assert evaluated["test_bleu"] == pytest.approx(results["test_bleu"], abs=1e-9)
+    assert evaluated["test_chrf"] == pytest.approx(results["test_chrf"], abs=1e-9)
+
+
+def test_prepare_data_builds_the_builtin_corpus_and_reports_padding(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    config = CONFIG_DIR / "fusion_transformer_debug.yaml"
+    cache = str(ding_files()["cache_dir"])
+    assert main(["prepare-data", str(config), "--data_cache_dir", cache, "--output_dir", str(tmp_path)]) == 0
+    report = capsys.readouterr().out
+    assert "train: 256 pairs" in report and "test: 16 pairs" in report
+    bucketed, random = re.search(r"batches per epoch, ([\d.]+)% padding \(random batches of 32: ([\d.]+)%", report).groups()
+    assert float(bucketed) < float(random)
+    assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
+
+
+KILL_AFTER_CHECKPOINT = """
+import os, signal, sys
+from transformers import TrainerCallback
+from training.arguments import parse_experiment
+from training.pipeline import train
+
+class KillAfterCheckpoint(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == {step}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+train(parse_experiment(sys.argv[1], sys.argv[2:]), callbacks=[KillAfterCheckpoint()])
+"""
+
+
+def test_a_killed_run_resumes_and_matches_the_uninterrupted_run(tmp_path: Path) -> None:
+    config = str(CONFIG_DIR / "fusion_transformer_debug.yaml")
+    # 64 training pairs make 3 batches per epoch: the kill at step 4 falls inside the second
+    # epoch, so resumption has to restore the epoch's batch order, the position in it, the RNG
+    # (dropout), the optimizer and the schedule.
+    options = [
+        *data_overrides(), *QUIET, "--max_train_samples", "64", "--max_tokens_per_batch", "768",
+        "--max_steps", "8", "--save_steps", "4", "--eval_strategy", "no", "--load_best_model_at_end", "false",
+        "--report_to", "none", "--plot_training_curves", "false",
+    ]
+    assert main(["train", config, "--output_dir", str(tmp_path / "straight"), *options]) == 0
+
+    interrupted = tmp_path / "interrupted"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    killed = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(KILL_AFTER_CHECKPOINT.format(step=4)), config,
+         "--output_dir", str(interrupted), *options],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (interrupted / "checkpoint-4").is_dir() and not (interrupted / "final").exists()
+    assert main(["train", config, "--output_dir", str(interrupted), *options, "--resume_from_checkpoint", "true"]) == 0
+
+    straight_state = json.loads((tmp_path / "straight" / "checkpoint-8" / "trainer_state.json").read_text())
+    resumed_state = json.loads((interrupted / "checkpoint-8" / "trainer_state.json").read_text())
+    straight_losses = [entry["loss"] for entry in straight_state["log_history"] if "loss" in entry]
+    resumed_losses = [entry["loss"] for entry in resumed_state["log_history"] if "loss" in entry]
+    assert len(straight_losses) == 8
+    np.testing.assert_allclose(resumed_losses, straight_losses, rtol=1e-5)
+    straight = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    resumed = load_file(interrupted / "final" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing_file", "empty_file", "missing_column", "no_validation", "typo", "family", "config_field", "smoothing"],
+)
+def test_bad_input_is_one_clear_line(case: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = str(CONFIG_DIR / "fusion_transformer_debug.yaml")
+    files = data_overrides()
+    cases = {
+        "missing_file": (["--train_file", str(tmp_path / "nope.jsonl")], "does not exist"),
+        "empty_file": (["--train_file", _write(tmp_path / "empty.jsonl", "")], "is empty"),
+        "missing_column": (
+            ["--train_file", _write(tmp_path / "cols.jsonl", '{"english": "Hi.", "german": "Hallo."}\n')],
+            "english",  # the message names the columns the file has
+        ),
+        "no_validation": (["--train_file", files[1]], "needs a validation split"),
+        "typo": ([*files, "--lerning_rate", "0.1"], "did you mean 'learning_rate'"),
+        "family": ([*files, "--model_type", "fusion_transfomer"], "allowed: fusion_transformer"),
+        "config_field": ([*files, "--model_config.sharing_strategy", "bogus"], "sharing_strategy = 'bogus'"),
+        "smoothing": ([*files, "--label_smoothing_factor", "0.1"], "model_config.label_smoothing"),
+    }
+    options, expected = cases[case]
+    status = main(["train", config, "--output_dir", str(tmp_path / "run"), *QUIET, *options])
+    error = capsys.readouterr().err
+    assert status == 2
+    message = [line for line in error.splitlines() if line.startswith("hf-fusion train: error:")]
+    assert len(message) == 1 and expected in message[0], error
+    assert "Traceback" not in error
+
+
+def test_yaml_options_and_command_line_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "experiment.yaml"
+    path.write_text(
+        "output_dir: out\nlearning_rate: 0.001\nreport_to: [none]\nmodel_config:\n  d_model: 64\n  dropout: 0.2\n"
+    )
+    experiment = parse_experiment(
+        path, ["--learning_rate", "3e-4", "--model_config.d_model", "32", "--model_config.normalize_before=true"]
+    )
+    assert experiment.training.learning_rate == 3e-4  # the command line wins
+    assert experiment.model.model_config == {"d_model": 32, "dropout": 0.2, "normalize_before": True}
+    assert experiment.training.export_dir == str(Path("out") / "final")
+    # The recorded experiment reproduces the run.
+    path.write_text(experiment.to_yaml())
+    again = parse_experiment(path)
+    assert again.training.learning_rate == 3e-4 and again.model.model_config == experiment.model.model_config
+    with pytest.raises(ValueError, match="did you mean 'max_steps'"):
+        parse_experiment(path, ["--max_step", "3"])
+    path.write_text("output_dir: out\nmax_step: 3\n")
+    with pytest.raises(ValueError, match="Unknown option 'max_step'"):
+        parse_experiment(path)
+
+
+def _random_pairs(lengths: list[tuple[int, int]]) -> TokenizedPairs:
+    rng = np.random.default_rng(0)
+    source = [rng.integers(5, 50, n) for n, _ in lengths]
+    target = [rng.integers(5, 50, m) for _, m in lengths]
+
+    def flat(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+        return np.concatenate(rows).astype(np.int32), offsets
+
+    return TokenizedPairs(flat(source), flat(target))
+
+
+def test_length_bucket_batches_cover_every_example_under_the_budget() -> None:
+    rng = np.random.default_rng(1)
+    source_lengths = rng.integers(2, 40, 500)
+    # Translations are about as long as their sources.
+    lengths = [(int(n), max(2, int(n + rng.integers(-3, 4)))) for n in source_lengths]
+    pairs = _random_pairs(lengths)
+    sampler = LengthBucketBatchSampler(pairs.source_lengths, pairs.target_lengths, max_tokens=400, max_rows=32, seed=3)
+    epochs = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        epochs.append(batches)
+        assert sorted(i for batch in batches for i in batch) == list(range(500))  # each example once
+        for batch in batches:
+            width = max(max(lengths[i]) for i in batch)
+            assert len(batch) <= 32 and len(batch) * width <= 400
+    assert epochs[0] != epochs[1] and sorted(map(tuple, epochs[0])) == sorted(map(tuple, epochs[1]))
+    sampler.set_epoch(0)
+    assert list(sampler) == epochs[0]  # an epoch's order is a function of (seed, epoch): resumable
+    shuffled = np.random.default_rng(0).permutation(500)
+    random_batches = [shuffled[i : i + 32].tolist() for i in range(0, 500, 32)]
+    bucketed = padded_fraction(pairs.source_lengths, pairs.target_lengths, sampler.batches)
+    assert bucketed < 0.5 * padded_fraction(pairs.source_lengths, pairs.target_lengths, random_batches)
+    with pytest.raises(ValueError, match="smaller than the longest example"):
+        LengthBucketBatchSampler(pairs.source_lengths, pairs.target_lengths, max_tokens=20, max_rows=None)
+
+
+def test_pair_collator_matches_datacollator_for_seq2seq() -> None:
+    pairs = _random_pairs([(5, 3), (9, 7), (2, 11)])
+    features = [pairs[i] for i in range(len(pairs))]
+    ours = PairCollator(pad_token_id=1)(features)
+
+    class PadOnly:  # the tokenizer interface DataCollatorForSeq2Seq pads through
+        padding_side = "right"
+        pad_token_id = 1
+        model_input_names = ["input_ids", "attention_mask"]
+
+        def pad(self, features, return_tensors=None, **kwargs):
+            width = max(len(f["input_ids"]) for f in features)
+            ids = [list(f["input_ids"]) + [1] * (width - len(f["input_ids"])) for f in features]
+            mask = [[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in features]
+            labels = [f["labels"] for f in features]
+            return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
+
+    reference = DataCollatorForSeq2Seq(PadOnly(), model=None)(
+        [{"input_ids": f["input_ids"].tolist(), "labels": f["labels"].tolist()} for f in features]
+    )
+    for key in ("input_ids", "attention_mask", "labels"):
+        torch.testing.assert_close(ours[key], reference[key].to(torch.int64), msg=key)
