@@ -50,7 +50,7 @@ def _print_help() -> None:
 def _loading_snippet(folder: Path) -> str:
     return (
         "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer\n"
-        f'tokenizer = AutoTokenizer.from_pretrained("{folder}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{folder}", trust_remote_code=True)\n'
         f'model = AutoModelForSeq2SeqLM.from_pretrained("{folder}", trust_remote_code=True)\n'
         'batch = tokenizer(["Eventually the river flows into the sea."], return_tensors="pt")\n'
         "print(tokenizer.batch_decode(model.generate(**batch), skip_special_tokens=True))"

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from transformers import PreTrainedModel
 
 from .model_card import REPO_PLACEHOLDER, REVISION_PLACEHOLDER
 
+SIBLING_IMPORT = re.compile(r"^\s*from \.(\w+) import", re.MULTILINE)
 REQUIRED_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "README.md")
 
 
@@ -70,10 +72,19 @@ def check_export(folder: str | Path) -> None:
         raise ValueError(f"{folder}/config.json has no auto_map for AutoConfig and AutoModelForSeq2SeqLM.")
     if not config.get("use_cache", False):
         raise ValueError(f"{folder}/config.json has use_cache=false; generation would be slow.")
-    code_files = {reference.split(".")[0] + ".py" for reference in auto_map.values()}
-    absent = sorted(name for name in code_files if not (folder / name).is_file())
-    if absent:
-        raise ValueError(f"{folder} lacks the model code files {absent} named in auto_map.")
+    # The files auto_map names, and every sibling module they import (trust_remote_code fetches
+    # exactly these).
+    pending = [reference.split(".")[0] + ".py" for reference in auto_map.values()]
+    seen: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if not (folder / name).is_file():
+            raise ValueError(f"{folder} lacks the model code file {name} (needed by trust_remote_code).")
+        imports = SIBLING_IMPORT.findall((folder / name).read_text(encoding="utf-8"))
+        pending.extend(f"{module}.py" for module in imports)
 
 
 def push_folder(

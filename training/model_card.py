@@ -42,7 +42,7 @@ FRAMEWORKS = ("transformers", "torch", "accelerate", "datasets", "tokenizers", "
 
 
 @dataclass
-class TestResult:
+class HeldOutScore:
     """One score on a held-out split."""
 
     metric: str  # "bleu" / "chrf"
@@ -73,7 +73,7 @@ class CardFacts:
     split_sizes: dict[str, int] = field(default_factory=dict)
     tokenizer_summary: str = ""
     hyperparameters: dict[str, Any] = field(default_factory=dict)
-    results: list[TestResult] = field(default_factory=list)
+    results: list[HeldOutScore] = field(default_factory=list)
     validation: dict[str, float] = field(default_factory=dict)
     license: str | None = None
     base_model: str | None = None

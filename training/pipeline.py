@@ -46,7 +46,7 @@ from .curves import TrainingCurvesCallback
 from .data import load_parallel_data
 from .export import export_model, push_folder
 from .metrics import load_translation_metric
-from .model_card import CardFacts, TestResult, render_model_card
+from .model_card import CardFacts, HeldOutScore, render_model_card
 from .tokenizer import check_tokenizer_fits, train_tokenizer
 from .trainer import FusionSeq2SeqTrainer, TimeBudgetCallback, TranslationMetrics
 
@@ -374,7 +374,7 @@ def _card_facts(
         if key.startswith("best_validation_")
     }
     test_results = [
-        TestResult(metric=metric, value=results[f"{eval_split_name}_{metric}"], split=eval_split_name, num_beams=args.final_num_beams)
+        HeldOutScore(metric=metric, value=results[f"{eval_split_name}_{metric}"], split=eval_split_name, num_beams=args.final_num_beams)
         for metric in ("bleu", "chrf")
         if eval_split_name and f"{eval_split_name}_{metric}" in results
     ]

@@ -10,7 +10,7 @@ What changes against the stock ``Seq2SeqTrainer`` (and why):
   micro-batches since the last log, as ``loss_terms/<name>``; so is the throughput in real
   (non-pad) source + target tokens per second, summed over processes.
 - Metrics are computed against the *raw* reference strings, not against references decoded from
-  truncated label ids, so BLEU is the BLEU of the text.
+  truncated label ids, so BLEU is the BLEU of the text; under DDP, over each example exactly once.
 """
 
 from __future__ import annotations
@@ -151,6 +151,13 @@ class FusionSeq2SeqTrainer(Seq2SeqTrainer):
             self._real_tokens.zero_()
             self._window_start = time.perf_counter()
         super().log(logs, start_time)
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any):
+        # Seq2SeqTrainer gathers predictions with plain ``gather``, which under DDP keeps the
+        # examples accelerate repeats to even out the last batch: there are then more predictions
+        # than examples. ``gather_for_metrics`` drops the repeats.
+        self.gather_function = self.accelerator.gather_for_metrics
+        return super().evaluation_loop(*args, **kwargs)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         metrics = super().evaluate(*args, **kwargs)
