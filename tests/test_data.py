@@ -19,10 +19,16 @@ import pytest
 from training.data import (
     SPLITS,
     build_default_corpus,
+    corpus_statistics,
+    default_cache_root,
+    fetch_debian_package,
+    main,
     load_parallel_data,
     normalize_for_dedup,
     read_ding_pairs,
+    read_libreoffice_pairs,
     split_pairs,
+    take_slice,
 )
 
 
@@ -122,13 +128,39 @@ def test_split_pairs_dedups_before_ranking_and_honours_the_seed() -> None:
         split_pairs(pairs, validation_size=20, test_size=20)
 
 
+def test_slice_statistics_and_command(ding: datasets.DatasetDict, corpus_root: Path, capsys) -> None:
+    small = take_slice(ding, n_train=40, n_eval=7)
+    assert {split: len(small[split]) for split in SPLITS} == {"train": 40, "validation": 7, "test": 7}
+    assert _rows(small["train"]) == _rows(ding["train"])[:40]
+    stats = corpus_statistics(small)
+    words = [len(source.split()) for source, _ in _rows(small["validation"])]
+    assert stats["validation"]["pairs"] == 7
+    assert stats["validation"]["mean_source_words"] == pytest.approx(sum(words) / 7)
+    # The command prints the statistics of the cached corpus.
+    main(["--name", "ding", "--cache-dir", str(corpus_root)])
+    report = json.loads(capsys.readouterr().out)
+    assert report["name"] == "ding"
+    assert {split: report[split]["pairs"] for split in SPLITS} == {split: len(ding[split]) for split in SPLITS}
+
+
 def test_ding_rejects_bad_options(corpus_root: Path) -> None:
-    with pytest.raises(ValueError, match=r"name='wmt'.*allowed values: \['ding'"):
+    with pytest.raises(ValueError, match=r"name='wmt'.*allowed values: \['ding', 'libreoffice'\]"):
         build_default_corpus("wmt", cache_dir=corpus_root)
     with pytest.raises(ValueError, match="max_pairs must be a positive int"):
         build_default_corpus("ding", cache_dir=corpus_root, max_pairs=0)
     with pytest.raises(ValueError, match="validation_size must be >= 0"):
         build_default_corpus("ding", cache_dir=corpus_root, validation_size=-1)
+
+
+def test_cache_root_and_missing_apt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_FUSION_DATA", str(tmp_path / "corpora"))
+    assert default_cache_root() == tmp_path / "corpora"
+    monkeypatch.delenv("HF_FUSION_DATA")
+    assert default_cache_root() == Path.home() / ".cache" / "hf_fusion" / "corpora"
+    # Without Debian tools the error says what to use instead.
+    monkeypatch.setattr("training.data.shutil.which", lambda name: None)
+    with pytest.raises(RuntimeError, match=r"apt-get/dpkg-deb are not available.*load_parallel_data\(train_file="):
+        fetch_debian_package("trans-de-en", "usr/share/no/such/file", tmp_path)
 
 
 def test_read_ding_pairs_cleaning_rules(tmp_path: Path) -> None:
@@ -155,6 +187,44 @@ def test_read_ding_pairs_cleaning_rules(tmp_path: Path) -> None:
     ]
 
 
+_HELP_PAGE = """<!DOCTYPE html>
+<html lang="{lang}"><head><meta charset="utf-8"><title>t</title></head><body>
+<div id="DisplayArea">
+<h1 id="hd_id1" dir="auto">{title}</h1>
+<p id="par_id2" class="paragraph"><a name="x"></a><span class="avis">{sentence}<br></span></p>
+<p id="par_id3">{undo} <span id="swlnsys1" class="switchinline">\
+<span hidden="true" id="MACsys1" class="MAC">{mac}</span>\
+<span hidden="true" id="defaultsys1">{ctrl}</span></span>+Z.</p>
+<p id="par_id4">Writer</p>
+<p id="par_id5"></p>
+{extra}
+<div class="embedded"><p id="par_id2">{sentence} (embedded copy)</p></div>
+</div></body></html>
+"""
+
+
+def test_read_libreoffice_pairs_aligns_by_page_and_paragraph_id(tmp_path: Path) -> None:
+    english, german = tmp_path / "en-US" / "text", tmp_path / "de" / "text"
+    for root, values in (
+        (english, dict(lang="en-US", title="Load/Save options", sentence="Specifies general settings.",
+                       undo="Undo with", mac="Command", ctrl="Ctrl", extra='<p id="par_id9">Only English.</p>')),
+        (german, dict(lang="de", title="Laden/Speichern", sentence="Legt allgemeine Einstellungen fest.",
+                      undo="Rückgängig mit", mac="Befehl", ctrl="Strg", extra="")),
+    ):
+        (root / "shared").mkdir(parents=True)
+        (root / "shared" / "page.html").write_text(_HELP_PAGE.format(**values), encoding="utf-8")
+    # A page without a German counterpart contributes nothing.
+    (english / "shared" / "only_en.html").write_text(
+        _HELP_PAGE.format(lang="en-US", title="Lonely", sentence="No partner.", undo="", mac="", ctrl="", extra=""),
+        encoding="utf-8",
+    )
+    assert list(read_libreoffice_pairs(english, german)) == [
+        ("Load/Save options", "Laden/Speichern"),
+        ("Specifies general settings.", "Legt allgemeine Einstellungen fest."),
+        ("Undo with Ctrl+Z.", "Rückgängig mit Strg+Z."),
+    ]
+
+
 # ------------------------------------------------------------------------------------------------
 # load_parallel_data: local files and the Hub code path
 # ------------------------------------------------------------------------------------------------
@@ -172,7 +242,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def test_load_jsonl_with_source_target_columns(tmp_path: Path) -> None:
-    train = _write_jsonl(tmp_path / "train.jsonl", [{"source": s, "target": t, "id": i} for i, (s, t) in enumerate(PAIRS)])
+    rows = [{"source": source, "target": target, "id": i} for i, (source, target) in enumerate(PAIRS)]
+    train = _write_jsonl(tmp_path / "train.jsonl", rows)
     valid = _write_jsonl(tmp_path / "valid.jsonl", [{"source": "A b c.", "target": "D e f."}])
     data = load_parallel_data(train_file=train, validation_file=valid)
     assert list(data) == ["train", "validation"]
@@ -214,8 +285,8 @@ def test_hub_code_path_with_translation_column(tmp_path: Path) -> None:
     # Reversing the direction is a matter of the language keys.
     reverse = load_parallel_data(dataset_name=str(folder), source_lang="de", target_lang="en")
     assert _rows(reverse["train"]) == [(t, s) for s, t in PAIRS]
-    with pytest.raises(ValueError, match=r"target_lang='ro' is not a key of the 'translation' column; keys: \['de', 'en'\]|"
-                                         r"target_lang='ro' is not a key of the 'translation' column; keys: \['en', 'de'\]"):
+    wrong_key = r"target_lang='ro' is not a key of the 'translation' column; keys: \['en', 'de'\]"
+    with pytest.raises(ValueError, match=wrong_key):
         load_parallel_data(dataset_name=str(folder), source_lang="en", target_lang="ro")
     with pytest.raises(ValueError, match="pass source_lang and target_lang"):
         load_parallel_data(dataset_name=str(folder))
@@ -223,9 +294,10 @@ def test_hub_code_path_with_translation_column(tmp_path: Path) -> None:
 
 def test_load_parallel_data_error_messages(tmp_path: Path) -> None:
     good = _write_jsonl(tmp_path / "train.jsonl", [{"en": s, "de": t} for s, t in PAIRS])
-    with pytest.raises(ValueError, match=r"source_column='english' is not a column of split 'train'; columns: \['en', 'de'\]"):
+    missing_column = r"source_column='english' is not a column of split 'train'; columns: \['en', 'de'"
+    with pytest.raises(ValueError, match=missing_column):
         load_parallel_data(train_file=good, source_column="english", target_column="de")
-    with pytest.raises(ValueError, match=r"Cannot find source and target text in split 'train'; columns: \['en', 'de'\]"):
+    with pytest.raises(ValueError, match=r"Cannot find source and target text in split 'train'; columns: \['en', 'de'"):
         load_parallel_data(train_file=good)
     with pytest.raises(ValueError, match="Pass both source_column and target_column"):
         load_parallel_data(train_file=good, source_column="en")
@@ -269,3 +341,21 @@ def test_builtin_corpus_name_goes_through_load_parallel_data(ding: datasets.Data
     data = load_parallel_data(dataset_name="ding", cache_dir=corpus_root)
     for split in SPLITS:
         assert _rows(data[split]) == _rows(ding[split])
+
+
+def test_joint_tokenizer_on_real_ding_text(ding: datasets.DatasetDict) -> None:
+    """A joint vocabulary trained on both sides of train covers held-out text of both languages."""
+    import itertools
+
+    from training.tokenizer import train_tokenizer
+
+    train = take_slice(ding, n_train=4000, n_eval=500)["train"]
+    tokenizer = train_tokenizer(itertools.chain(train["source"], train["target"]), vocab_size=1500, model="bpe")
+    assert len(tokenizer) == 1500
+    held_out = list(ding["validation"]["source"][:500]) + list(ding["validation"]["target"][:500])
+    encoded = tokenizer(held_out)["input_ids"]
+    pieces = sum(len(ids) for ids in encoded)
+    unknown = sum(ids.count(tokenizer.unk_token_id) for ids in encoded)
+    assert unknown / pieces < 1e-3
+    lossless = sum(tokenizer.decode(ids, skip_special_tokens=True) == text for ids, text in zip(encoded, held_out))
+    assert lossless / len(held_out) > 0.99
