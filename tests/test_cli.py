@@ -304,3 +304,82 @@ def test_pair_collator_matches_datacollator_for_seq2seq() -> None:
     )
     for key in ("input_ids", "attention_mask", "labels"):
         torch.testing.assert_close(ours[key], reference[key].to(torch.int64), msg=key)
+
+
+def test_fine_tuning_converts_a_bart_checkpoint_and_keeps_its_tokenizer(tmp_path: Path) -> None:
+    import yaml
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from training.tokenizer import train_tokenizer
+
+    rows = [json.loads(line) for line in ding_files()["train"].read_text().splitlines()]
+    tokenizer = train_tokenizer([r["source"] for r in rows] + [r["target"] for r in rows], vocab_size=300)
+    bart = BartForConditionalGeneration(
+        BartConfig(
+            vocab_size=len(tokenizer), d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=80,
+            forced_eos_token_id=None,
+        )
+    )  # fmt: skip
+    bart.save_pretrained(tmp_path / "bart")
+    tokenizer.save_pretrained(tmp_path / "bart")
+    settings = yaml.safe_load((CONFIG_DIR / "fusion_transformer_debug.yaml").read_text())
+    settings["model_config"] = {"dropout": 0.2}  # a fine-tuning config overrides, it does not size
+    settings["model_name_or_path"] = str(tmp_path / "bart")
+    (tmp_path / "finetune.yaml").write_text(yaml.safe_dump(settings))
+
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "finetune.yaml"), "--output_dir", str(run), *data_overrides(), *QUIET]) == 0
+    config = json.loads((run / "final" / "config.json").read_text())
+    assert config["model_type"] == "fusion_transformer" and config["d_model"] == 16 and config["dropout"] == 0.2
+    assert not (run / "tokenizer").exists()  # the checkpoint's tokenizer was used, not a new one
+    assert AutoTokenizer.from_pretrained(run / "final").get_vocab() == tokenizer.get_vocab()
+    card = ModelCard.load(run / "final" / "README.md")
+    assert card.data.base_model == str(tmp_path / "bart")
+
+
+def test_loss_terms_and_throughput_are_logged_beside_the_loss(tmp_path: Path) -> None:
+    """A head's named loss components reach the logs, averaged like the loss itself."""
+    from transformers import Seq2SeqTrainingArguments
+
+    from tests.helpers import TINY
+    from training.trainer import FusionSeq2SeqTrainer
+
+    class TwoTermModel(hf_fusion.FusionTransformerForConditionalGeneration):
+        def forward(self, *args, **kwargs):
+            output = super().forward(*args, **kwargs)
+            if output.loss is not None:
+                output.loss_terms = {"whole": output.loss, "third": output.loss / 3}
+            return output
+
+    rng = np.random.default_rng(0)
+    pairs = _random_pairs([(int(rng.integers(3, 9)), int(rng.integers(3, 9))) for _ in range(24)])
+    model = TwoTermModel(hf_fusion.FusionTransformerConfig(**{**TINY, "vocab_size": 60}))
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, logging_steps=1, report_to=[],
+        save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = FusionSeq2SeqTrainer(model=model, args=args, train_dataset=pairs, data_collator=PairCollator(1))
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3
+    for entry in logs:
+        assert entry["loss_terms/whole"] == pytest.approx(entry["loss"], rel=1e-5)
+        assert entry["loss_terms/third"] == pytest.approx(entry["loss"] / 3, rel=1e-5)
+        assert entry["tokens_per_second"] > 0
+
+
+def test_training_options_become_callbacks() -> None:
+    from transformers import EarlyStoppingCallback
+
+    from training.curves import TrainingCurvesCallback
+    from training.pipeline import _callbacks
+    from training.trainer import TimeBudgetCallback
+
+    experiment = parse_experiment(
+        CONFIG_DIR / "fusion_transformer_debug.yaml", ["--early_stopping_patience", "2", "--max_train_minutes", "0.5"]
+    )
+    callbacks = {type(callback): callback for callback in _callbacks(experiment.training, "title")}
+    assert callbacks[EarlyStoppingCallback].early_stopping_patience == 2
+    assert callbacks[TimeBudgetCallback].seconds == 30
+    assert TrainingCurvesCallback in callbacks
