@@ -101,7 +101,12 @@ def command_evaluate(argv: list[str]) -> int:
     recorded = folder / "experiment.yaml"
     experiment = parse_experiment(
         recorded if recorded.is_file() else None,
-        ["--output_dir", str(folder), "--report_to", "none", *overrides, "--model_name_or_path", str(folder)],
+        [
+            *("--output_dir", str(folder), "--report_to", "none"),
+            *("--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false"),
+            *overrides,
+            *("--model_name_or_path", str(folder)),
+        ],
     )
     _setup_logging(experiment)
     results = evaluate_folder(experiment, known.split)

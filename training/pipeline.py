@@ -97,7 +97,7 @@ def get_tokenizer(
     model_args: ModelArguments,
     data_args: DataArguments,
     training_args: FusionTrainingArguments,
-    train: datasets.Dataset,
+    train: datasets.Dataset | None,
 ) -> Any:
     """The run's tokenizer: an existing one (by path), the checkpoint's, or one trained on ``train``.
 
@@ -107,6 +107,8 @@ def get_tokenizer(
     existing = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     if existing:
         return AutoTokenizer.from_pretrained(existing)
+    if train is None:
+        raise ValueError("A tokenizer can only be trained on a train split; give tokenizer_name_or_path.")
     folder = Path(training_args.output_dir) / TOKENIZER_SUBDIR
     fingerprint = _tokenizer_fingerprint(data_args, train)
     with training_args.main_process_first(desc="training the tokenizer"):
@@ -116,6 +118,7 @@ def get_tokenizer(
         max_length = model_args.model_config.get("max_position_embeddings", 1024)
         texts = (text for column in ("source", "target") for text in train[column])
         tokenizer = train_tokenizer(texts, vocab_size=data_args.tokenizer_vocab_size, model_max_length=max_length)
+        logger.info("Trained a joint tokenizer of %d tokens on %d training pairs", len(tokenizer), len(train))
         if training_args.process_index == 0:
             tokenizer.save_pretrained(folder)
             stamp.write_text(fingerprint)
@@ -153,12 +156,20 @@ class PreparedData:
 
 
 def prepare_data(
-    model_args: ModelArguments, data_args: DataArguments, training_args: FusionTrainingArguments
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: FusionTrainingArguments,
+    only_split: str | None = None,
 ) -> PreparedData:
-    """Load, (train the tokenizer,) tokenize and length-sort every split."""
+    """Load, (train the tokenizer,) tokenize and length-sort every split, or only ``only_split``
+    (evaluation of a trained model, whose tokenizer comes with it)."""
     with training_args.main_process_first(desc="building the corpus"):
         splits = load_splits(data_args)
-    tokenizer = get_tokenizer(model_args, data_args, training_args, splits["train"])
+    if only_split is not None:
+        if only_split not in splits:
+            raise ValueError(f"The data has no {only_split!r} split; splits: {', '.join(splits)}.")
+        splits = datasets.DatasetDict({only_split: splits[only_split]})
+    tokenizer = get_tokenizer(model_args, data_args, training_args, splits.get("train"))
     with training_args.main_process_first(desc="tokenizing"):
         tokenized = tokenize_pairs(
             splits,
@@ -179,7 +190,8 @@ def prepare_data(
             sources=[splits[name]["source"][i] for i in order.tolist()],
             order=order,
         )
-    return PreparedData(splits, tokenizer, TokenizedPairs.from_dataset(tokenized["train"]), evaluation)
+    train = TokenizedPairs.from_dataset(tokenized["train"]) if "train" in tokenized else None
+    return PreparedData(splits, tokenizer, train, evaluation)
 
 
 # --- model --------------------------------------------------------------------------------------
@@ -436,6 +448,13 @@ def train(
         )
     with args.main_process_first(desc="loading the model"):
         model = (model_builder or partial(build_model, experiment.model))(data.tokenizer)
+    logger.info(
+        "%s model with %s parameters; %d training pairs%s",
+        model.config.model_type,
+        f"{model.num_parameters():,}",
+        len(data.train),
+        f"; resuming from {checkpoint}" if checkpoint else "",
+    )
     gen_max_length = args.generation_max_length or experiment.data.max_target_length
     configure_generation(model, args.final_num_beams, gen_max_length)
 
@@ -480,6 +499,7 @@ def train(
             extra[f"{final_name}_predictions.txt"] = "\n".join(predictions) + "\n"
         export_model(model, data.tokenizer, export_dir, card, extra_files=extra, copy_files=[curves] if curves.is_file() else [])
         (output_dir / RESULTS_FILE).write_text(extra[RESULTS_FILE])
+        logger.info("Exported the Hub-ready model folder to %s", export_dir)
         if args.push_to_hub:
             if not args.hub_model_id:
                 raise ValueError("--push_to_hub needs --hub_model_id NAMESPACE/NAME.")
@@ -498,13 +518,11 @@ def evaluate_folder(experiment: Experiment, split: str) -> dict[str, Any]:
     """Beam-search one split with the model in ``experiment.model.model_name_or_path``; writes
     ``OUTPUT_DIR/{split}_results.json`` and ``OUTPUT_DIR/{split}_predictions.txt``."""
     args = experiment.training
-    data = prepare_data(experiment.model, experiment.data, args)
-    if split not in data.evaluation:
-        raise ValueError(f"The data has no {split!r} split; splits: {', '.join(data.splits)}.")
+    data = prepare_data(experiment.model, experiment.data, args, only_split=split)
     model = build_model(experiment.model, data.tokenizer)
     max_length = args.generation_max_length or experiment.data.max_target_length
     configure_generation(model, args.final_num_beams, max_length)
-    trainer, metrics = build_trainer(experiment, replace(data, train=None), model)
+    trainer, metrics = build_trainer(experiment, data, model)
     scores, predictions = evaluate_split(
         trainer, metrics, data.evaluation[split], split, args.final_num_beams, max_length
     )
