@@ -44,7 +44,7 @@ def _setup_logging(experiment: Experiment | None = None) -> None:
 def _print_help() -> None:
     print(USAGE)
     print("Options of train / evaluate / prepare-data (YAML keys or --key value):\n")
-    HfArgumentParser(ARGUMENT_CLASSES).print_help()
+    HfArgumentParser(ARGUMENT_CLASSES, prog="hf-fusion train").print_help()
 
 
 def _loading_snippet(folder: Path) -> str:
