@@ -1,0 +1,285 @@
+"""The arguments of an experiment: one YAML file, overridable from the command line.
+
+An experiment is three ``HfArgumentParser`` dataclasses (model, data, training) filled from a YAML
+file whose top-level keys are their fields, plus a ``model_config:`` mapping of config fields of
+the model family. On the command line ``--key value`` overrides a YAML key and
+``--model_config.FIELD value`` overrides (or adds) a config field, so a sweep never needs a copy
+of the YAML. Unknown keys fail with the closest known name.
+
+Adding a model family needs no code here: its YAML names its ``model_type`` and config fields,
+which go to ``AutoConfig.for_model(model_type, **model_config)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import HfArgumentParser, Seq2SeqTrainingArguments
+
+MODEL_CONFIG_KEY = "model_config"
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train: a fresh model of an hf_fusion family, or a checkpoint to fine-tune."""
+
+    model_type: str = field(
+        default="fusion_transformer",
+        metadata={"help": "hf_fusion model family (a key of hf_fusion.MODEL_FAMILIES) of a model built from scratch."},
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Checkpoint to fine-tune instead: an hf_fusion folder or Hub id, or a BART/mBART/Marian one, "
+            "which is converted to model_type with hf_fusion.convert_from_pretrained."
+        },
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Existing tokenizer (folder or Hub id). Default: the checkpoint's tokenizer when fine-tuning, "
+            "else a joint subword tokenizer trained on the training data."
+        },
+    )
+    # Config fields of the family; filled from the YAML mapping and --model_config.FIELD options
+    # (not an argparse option itself: argparse cannot type a mapping).
+    model_config: dict[str, Any] = field(default_factory=dict, init=False)
+
+
+@dataclass
+class DataArguments:
+    """Where the parallel text comes from and how it is cut."""
+
+    dataset: str = field(
+        default="ding",
+        metadata={
+            "help": "Built-in corpus ('ding', 'libreoffice') or a Hub dataset id. Ignored when train_file is set."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of a Hub dataset."})
+    train_file: str | None = field(default=None, metadata={"help": "Local jsonl/tsv/csv file of training pairs."})
+    validation_file: str | None = field(default=None, metadata={"help": "Local file of validation pairs."})
+    test_file: str | None = field(default=None, metadata={"help": "Local file of test pairs."})
+    source_lang: str | None = field(default=None, metadata={"help": "Source language code (e.g. en)."})
+    target_lang: str | None = field(default=None, metadata={"help": "Target language code (e.g. de)."})
+    data_cache_dir: str | None = field(default=None, metadata={"help": "Cache folder of built-in corpora."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training pairs."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Validate on the first N validation pairs (generation is slow)."}
+    )
+    max_test_samples: int | None = field(default=None, metadata={"help": "Test on the first N test pairs."})
+    max_source_length: int = field(default=128, metadata={"help": "Truncate sources to this many tokens."})
+    max_target_length: int = field(default=128, metadata={"help": "Truncate targets to this many tokens."})
+    tokenizer_vocab_size: int = field(
+        default=8000, metadata={"help": "Vocabulary size of a tokenizer trained on the training data."}
+    )
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class FusionTrainingArguments(Seq2SeqTrainingArguments):
+    """``Seq2SeqTrainingArguments`` plus what a translation run needs.
+
+    Label smoothing is a *model* config field (``model_config.label_smoothing``): the loss lives in
+    the model because heads such as SurfaceFusion define their own, so ``label_smoothing_factor``
+    (the Trainer's logits-only smoother) is refused. ``push_to_hub`` uploads the exported final
+    folder with its model card, never the intermediate checkpoints.
+    """
+
+    max_tokens_per_batch: int | None = field(
+        default=None,
+        metadata={
+            "help": "Token budget of a training batch (rows x longest row, padding included): batches of "
+            "length-sorted examples up to this budget and at most per_device_train_batch_size rows."
+        },
+    )
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop after this many evaluations without improvement."}
+    )
+    max_train_minutes: float | None = field(
+        default=None, metadata={"help": "Stop training (and keep the best model) after this many minutes."}
+    )
+    final_num_beams: int = field(
+        default=5, metadata={"help": "Beam size of the final test evaluation and of the exported generation config."}
+    )
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: bf16 (else fp16) on a CUDA GPU, fp32 on CPU; or force fp32/bf16/fp16.",
+            "choices": list(PRECISIONS),
+        },
+    )
+    export_dir: str | None = field(
+        default=None, metadata={"help": "Hub-ready final folder (default: OUTPUT_DIR/final)."}
+    )
+    plot_training_curves: bool = field(default=True, metadata={"help": "Write training_curves.png."})
+    hub_license: str | None = field(
+        default=None,
+        metadata={
+            "help": "License id of the exported model card (e.g. apache-2.0). Default: the Hub id of the "
+            "training corpus's license when known, else 'other'."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.label_smoothing_factor:
+            raise ValueError(
+                "label_smoothing_factor is not used by hf_fusion: set model_config.label_smoothing instead "
+                "(the model computes its own loss; heads such as SurfaceFusion smooth several distributions)."
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision = {self.precision!r} is not supported; allowed: {', '.join(PRECISIONS)}.")
+        if self.precision == "auto" and not self.use_cpu and torch.cuda.is_available():
+            self.bf16 = torch.cuda.is_bf16_supported()
+            self.fp16 = not self.bf16
+        elif self.precision in ("bf16", "fp16"):
+            setattr(self, self.precision, True)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            self.use_cpu = True  # else every CPU process would silently train alone (no DDP)
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin for
+        if self.ddp_find_unused_parameters is None:
+            # hf_fusion models use every parameter in each forward; the unused-parameter search
+            # costs a graph traversal per step.
+            self.ddp_find_unused_parameters = False
+        if self.export_dir is None and self.output_dir is not None:
+            self.export_dir = str(Path(self.output_dir) / "final")
+        super().__post_init__()
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, FusionTrainingArguments)
+
+
+@dataclass
+class Experiment:
+    """The parsed arguments of one run and the settings they came from (for ``experiment.yaml``)."""
+
+    model: ModelArguments
+    data: DataArguments
+    training: FusionTrainingArguments
+    settings: dict[str, Any]
+
+    def to_yaml(self) -> str:
+        """The YAML file that reproduces this run (the config file with the overrides applied)."""
+        return yaml.safe_dump(self.settings, sort_keys=False, allow_unicode=True)
+
+
+def _known_fields() -> set[str]:
+    return {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.init} | {MODEL_CONFIG_KEY}
+
+
+def _unknown_key_error(key: str, where: str) -> ValueError:
+    close = difflib.get_close_matches(key, sorted(_known_fields()), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"Unknown option {key!r} in {where}{hint} (config fields go under {MODEL_CONFIG_KEY}.FIELD)")
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value typed the way YAML types it (``256`` -> int, ``true`` -> bool, ...)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def load_settings(config_path: str | Path | None) -> dict[str, Any]:
+    """Read an experiment YAML file (a mapping of argument names to values)."""
+    if config_path is None:
+        return {}
+    path = Path(config_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Experiment config {str(path)!r} does not exist.")
+    settings = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} must hold a mapping of option names to values, not {type(settings).__name__}.")
+    for key in settings:
+        if key not in _known_fields():
+            raise _unknown_key_error(key, str(path))
+    if not isinstance(settings.get(MODEL_CONFIG_KEY, {}) or {}, dict):
+        raise ValueError(f"{path}: {MODEL_CONFIG_KEY} must be a mapping of config fields to values.")
+    return settings
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any], list[str]]:
+    """Separate ``--model_config.FIELD value`` pairs from the dataclass options.
+
+    Returns the dataclass options, the config overrides and the option names given (for the record).
+    """
+    options, config_overrides, given = [], {}, []
+    position = 0
+    while position < len(argv):
+        token = argv[position]
+        if not token.startswith("--"):
+            options.append(token)
+            position += 1
+            continue
+        name, has_value, inline = token[2:].partition("=")
+        if name.startswith(MODEL_CONFIG_KEY + "."):
+            field_name = name[len(MODEL_CONFIG_KEY) + 1 :]
+            if has_value:
+                value = inline
+            elif position + 1 < len(argv) and not argv[position + 1].startswith("--"):
+                value = argv[position + 1]
+                position += 1
+            else:
+                raise ValueError(f"--{name} needs a value.")
+            config_overrides[field_name] = _parse_value(value)
+        else:
+            options.append(token)
+            name = name.replace("-", "_")
+            given.append(name[3:] if name.startswith("no_") and name[3:] in _known_fields() else name)
+        position += 1
+    return options, config_overrides, given
+
+
+def parse_experiment(config_path: str | Path | None, argv: list[str] | None = None) -> Experiment:
+    """Build the three argument dataclasses from a YAML file and command-line overrides.
+
+    Args:
+        config_path: Experiment YAML (top-level keys: dataclass fields; ``model_config``: config
+            fields of the model family), or None for command-line options only.
+        argv: Overrides, ``--key value`` / ``--key=value`` / ``--model_config.FIELD value``.
+
+    Raises:
+        ValueError: for an unknown key (naming the closest known one) or a value of the wrong type.
+    """
+    settings = load_settings(config_path)
+    model_config = dict(settings.get(MODEL_CONFIG_KEY) or {})
+    defaults = {key: value for key, value in settings.items() if key != MODEL_CONFIG_KEY}
+    options, config_overrides, given = _split_overrides(list(argv or []))
+
+    parser = HfArgumentParser(ARGUMENT_CLASSES, exit_on_error=False, allow_abbrev=False)
+    parser.set_defaults(**defaults)
+    try:
+        model_args, data_args, training_args, remaining = parser.parse_args_into_dataclasses(
+            args=options, return_remaining_strings=True, look_for_args_file=False
+        )
+    except argparse.ArgumentError as error:
+        raise ValueError(f"{error} (see `hf-fusion train --help`)") from error
+    if remaining:
+        first = next((token for token in remaining if token.startswith("--")), remaining[0])
+        raise _unknown_key_error(first.lstrip("-").split("=")[0], "the command line")
+    model_config.update(config_overrides)
+    model_args.model_config = model_config
+
+    recorded = dict(defaults)
+    for name in given:
+        for args in (model_args, data_args, training_args):
+            if hasattr(args, name):
+                value = getattr(args, name)
+                recorded[name] = value.value if isinstance(value, Enum) else value
+    if model_config:
+        recorded[MODEL_CONFIG_KEY] = model_config
+    return Experiment(model_args, data_args, training_args, recorded)

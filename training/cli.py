@@ -1,0 +1,188 @@
+"""``hf-fusion``: train, evaluate and publish hf_fusion translation models.
+
+    hf-fusion train CONFIG.yaml [--key value ...] [--model_config.FIELD value ...]
+    hf-fusion evaluate MODEL_FOLDER [--split test] [--key value ...]
+    hf-fusion prepare-data CONFIG.yaml [--key value ...]
+    hf-fusion push MODEL_FOLDER --repo_id NAMESPACE/NAME [--revision BRANCH] [--private]
+
+``CONFIG.yaml`` is an experiment file (see ``training/configs/``); ``--key value`` overrides any of
+its keys, ``hf-fusion train --help`` lists them all. Multi-process training:
+``torchrun --nproc_per_node N -m training.cli train CONFIG.yaml`` (CPU processes use gloo).
+Errors in the data or the options are reported as one line, exit status 2
+(``HF_FUSION_TRACEBACK=1`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+from .arguments import ARGUMENT_CLASSES, Experiment, parse_experiment
+
+logger = logging.getLogger("training")
+
+COMMANDS = ("train", "evaluate", "prepare-data", "push")
+USAGE = __doc__.split("\n\n")[1]
+
+
+def _setup_logging(experiment: Experiment | None = None) -> None:
+    import datasets
+    import transformers
+
+    main = experiment is None or experiment.training.process_index == 0
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logger.setLevel(logging.INFO if main else logging.WARNING)
+    transformers.utils.logging.set_verbosity_warning()
+    datasets.utils.logging.set_verbosity_warning()
+
+
+def _print_help() -> None:
+    print(USAGE)
+    print("Options of train / evaluate / prepare-data (YAML keys or --key value):\n")
+    HfArgumentParser(ARGUMENT_CLASSES, prog="hf-fusion train").print_help()
+
+
+def _loading_snippet(folder: Path) -> str:
+    return (
+        "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer\n"
+        f'tokenizer = AutoTokenizer.from_pretrained("{folder}", trust_remote_code=True)\n'
+        f'model = AutoModelForSeq2SeqLM.from_pretrained("{folder}", trust_remote_code=True)\n'
+        'batch = tokenizer(["Eventually the river flows into the sea."], return_tensors="pt")\n'
+        "print(tokenizer.batch_decode(model.generate(**batch), skip_special_tokens=True))"
+    )
+
+
+def _report_scores(results: dict, split: str) -> str:
+    beams = results.get("final_num_beams") or results.get("num_beams")
+    return (
+        f"{split} BLEU {results[f'{split}_bleu']:.2f}  chrF {results[f'{split}_chrf']:.2f}"
+        f"  (sacreBLEU, beam {beams})"
+    )
+
+
+def command_train(argv: list[str]) -> int:
+    from .pipeline import train
+
+    if not argv or argv[0].startswith("-"):
+        raise ValueError("train needs an experiment file: hf-fusion train CONFIG.yaml [--key value ...]")
+    experiment = parse_experiment(argv[0], argv[1:])
+    _setup_logging(experiment)
+    result = train(experiment)
+    if experiment.training.process_index != 0:
+        return 0
+    split = result.metrics.get("final_eval_split")
+    print()
+    if split:
+        print(_report_scores(result.metrics, split))
+    print(f"Hub-ready model folder: {result.export_dir}")
+    print(f"Load it:\n{_loading_snippet(result.export_dir)}")
+    if result.pushed_revision:
+        print(f"Pushed to {experiment.training.hub_model_id} at revision {result.pushed_revision}")
+    else:
+        print(f"Publish it: hf-fusion push {result.export_dir} --repo_id NAMESPACE/NAME")
+    return 0
+
+
+def command_evaluate(argv: list[str]) -> int:
+    from .pipeline import evaluate_folder
+
+    parser = argparse.ArgumentParser(prog="hf-fusion evaluate", add_help=False)
+    parser.add_argument("folder")
+    parser.add_argument("--split", default="test", choices=["test", "validation"])
+    known, overrides = parser.parse_known_args(argv)
+    folder = Path(known.folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} is not a model folder (no config.json).")
+    recorded = folder / "experiment.yaml"
+    experiment = parse_experiment(
+        recorded if recorded.is_file() else None,
+        [
+            *("--output_dir", str(folder), "--report_to", "none"),
+            *("--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false"),
+            *overrides,
+            *("--model_name_or_path", str(folder)),
+        ],
+    )
+    _setup_logging(experiment)
+    results = evaluate_folder(experiment, known.split)
+    if experiment.training.process_index == 0:
+        print(_report_scores(results, known.split))
+        print(f"Results: {results['results_file']}")
+    return 0
+
+
+def command_prepare_data(argv: list[str]) -> int:
+    from .pipeline import describe_data
+
+    if not argv or argv[0].startswith("-"):
+        raise ValueError("prepare-data needs an experiment file: hf-fusion prepare-data CONFIG.yaml")
+    experiment = parse_experiment(argv[0], argv[1:])
+    _setup_logging(experiment)
+    print(describe_data(experiment))
+    return 0
+
+
+def command_push(argv: list[str]) -> int:
+    from .export import push_folder
+
+    parser = argparse.ArgumentParser(prog="hf-fusion push", description="Upload an exported model folder.")
+    parser.add_argument("folder", help="folder written by hf-fusion train (OUTPUT_DIR/final)")
+    parser.add_argument("--repo_id", required=True, help="NAMESPACE/NAME of the model repository")
+    parser.add_argument("--revision", default=None, help="branch to push to (created if needed)")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
+    parser.add_argument("--commit_message", default="Upload hf_fusion model")
+    args = parser.parse_args(argv)
+    _setup_logging()
+    commit = push_folder(
+        args.folder,
+        args.repo_id,
+        revision=args.revision,
+        private=args.private or None,
+        token=args.token,
+        commit_message=args.commit_message,
+    )
+    print(f"Pushed {args.folder} to {args.repo_id} (commit {commit}).")
+    print(
+        f'Load it: AutoModelForSeq2SeqLM.from_pretrained("{args.repo_id}", trust_remote_code=True, revision="{commit}")'
+    )
+    return 0
+
+
+HANDLERS = {
+    "train": command_train,
+    "evaluate": command_evaluate,
+    "prepare-data": command_prepare_data,
+    "push": command_push,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hf-fusion`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        _print_help()
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in HANDLERS:
+        print(f"hf-fusion: unknown command {command!r}; choose from {', '.join(COMMANDS)}.", file=sys.stderr)
+        return 2
+    if command != "push" and any(flag in rest for flag in ("-h", "--help")):
+        _print_help()
+        return 0
+    try:
+        return HANDLERS[command](rest)
+    except (ValueError, FileNotFoundError) as error:
+        if os.environ.get("HF_FUSION_TRACEBACK"):
+            raise
+        print(f"hf-fusion {command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

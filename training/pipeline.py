@@ -1,0 +1,566 @@
+"""The steps of a run, from raw parallel text to a Hub-ready folder.
+
+``train`` = load the splits -> get a tokenizer (train one, or load one and check it fits) -> tokenize
+once -> build the model (any hf_fusion family from its config fields, or a checkpoint to fine-tune)
+-> ``FusionSeq2SeqTrainer.train`` (resumable) -> beam-search test evaluation -> export the final
+folder with its model card -> optionally push it. Each step is a function so the CLI, the
+benchmarks and the tests run the very same code.
+
+Multi-process runs (torchrun / accelerate launch) run this on every process: the steps that
+write to disk (corpus build, tokenizer training, tokenization cache) run on the main process
+first and the others then read the result; export and push run on the main process only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    EarlyStoppingCallback,
+    GenerationConfig,
+    PreTrainedModel,
+    TrainerCallback,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+import hf_fusion
+from hf_fusion.convert import ARCHITECTURES
+
+from .arguments import DataArguments, Experiment, FusionTrainingArguments, ModelArguments
+from .batching import PairCollator, TokenizedPairs, tokenize_pairs
+from .curves import TrainingCurvesCallback
+from .data import load_parallel_data
+from .export import export_model, push_folder
+from .metrics import load_translation_metric
+from .model_card import CardFacts, HeldOutScore, render_model_card
+from .tokenizer import check_tokenizer_fits, train_tokenizer
+from .trainer import FusionSeq2SeqTrainer, TimeBudgetCallback, TranslationMetrics
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_SUBDIR = "tokenizer"
+RESULTS_FILE = "results.json"
+
+
+# --- data ---------------------------------------------------------------------------------------
+def load_splits(data_args: DataArguments) -> datasets.DatasetDict:
+    """The ``source``/``target`` splits of the run, cut to the ``max_*_samples`` limits."""
+    if data_args.train_file or data_args.validation_file or data_args.test_file:
+        splits = load_parallel_data(
+            train_file=data_args.train_file,
+            validation_file=data_args.validation_file,
+            test_file=data_args.test_file,
+            source_lang=data_args.source_lang,
+            target_lang=data_args.target_lang,
+            cache_dir=data_args.data_cache_dir,
+        )
+    else:
+        splits = load_parallel_data(
+            dataset_name=data_args.dataset,
+            dataset_config=data_args.dataset_config_name,
+            source_lang=data_args.source_lang,
+            target_lang=data_args.target_lang,
+            cache_dir=data_args.data_cache_dir,
+        )
+    limits = {
+        "train": data_args.max_train_samples,
+        "validation": data_args.max_eval_samples,
+        "test": data_args.max_test_samples,
+    }
+    return datasets.DatasetDict(
+        {
+            name: split.select(range(min(limits[name], len(split)))) if limits.get(name) is not None else split
+            for name, split in splits.items()
+        }
+    )
+
+
+def _tokenizer_fingerprint(data_args: DataArguments, train: datasets.Dataset) -> str:
+    return json.dumps({"train": train._fingerprint, "vocab_size": data_args.tokenizer_vocab_size})
+
+
+def get_tokenizer(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: FusionTrainingArguments,
+    train: datasets.Dataset | None,
+) -> Any:
+    """The run's tokenizer: an existing one (by path), the checkpoint's, or one trained on ``train``.
+
+    A trained tokenizer is saved to ``OUTPUT_DIR/tokenizer`` with the fingerprint of the data it
+    was trained on, and reused by a resumed run and by the other processes of a distributed run.
+    """
+    existing = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+    if existing:
+        return AutoTokenizer.from_pretrained(existing)
+    if train is None:
+        raise ValueError("A tokenizer can only be trained on a train split; give tokenizer_name_or_path.")
+    folder = Path(training_args.output_dir) / TOKENIZER_SUBDIR
+    fingerprint = _tokenizer_fingerprint(data_args, train)
+    with training_args.main_process_first(desc="training the tokenizer"):
+        stamp = folder / "trained_on.json"
+        if stamp.is_file() and stamp.read_text() == fingerprint:
+            return AutoTokenizer.from_pretrained(folder)
+        max_length = model_args.model_config.get("max_position_embeddings", 1024)
+        texts = (text for column in ("source", "target") for text in train[column])
+        tokenizer = train_tokenizer(texts, vocab_size=data_args.tokenizer_vocab_size, model_max_length=max_length)
+        logger.info("Trained a joint tokenizer of %d tokens on %d training pairs", len(tokenizer), len(train))
+        if training_args.process_index == 0:
+            tokenizer.save_pretrained(folder)
+            stamp.write_text(fingerprint)
+        return tokenizer
+
+
+@dataclass
+class EvalSplit:
+    """A tokenized evaluation split in length-sorted order, with its raw references.
+
+    ``order[i]`` is the original position of the i-th sorted example, so predictions can be
+    written back in the order of the input file.
+    """
+
+    dataset: TokenizedPairs
+    references: list[str]
+    sources: list[str]
+    order: np.ndarray
+
+    def in_original_order(self, predictions: Sequence[str]) -> list[str]:
+        restored = [""] * len(predictions)
+        for sorted_position, original in enumerate(self.order.tolist()):
+            restored[original] = predictions[sorted_position]
+        return restored
+
+
+@dataclass
+class PreparedData:
+    """Everything the Trainer reads, built once."""
+
+    splits: datasets.DatasetDict
+    tokenizer: Any
+    train: TokenizedPairs | None
+    evaluation: dict[str, EvalSplit] = field(default_factory=dict)
+
+
+def prepare_data(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: FusionTrainingArguments,
+    only_split: str | None = None,
+) -> PreparedData:
+    """Load, (train the tokenizer,) tokenize and length-sort every split, or only ``only_split``
+    (evaluation of a trained model, whose tokenizer comes with it)."""
+    with training_args.main_process_first(desc="building the corpus"):
+        splits = load_splits(data_args)
+    if only_split is not None:
+        if only_split not in splits:
+            raise ValueError(f"The data has no {only_split!r} split; splits: {', '.join(splits)}.")
+        splits = datasets.DatasetDict({only_split: splits[only_split]})
+    tokenizer = get_tokenizer(model_args, data_args, training_args, splits.get("train"))
+    with training_args.main_process_first(desc="tokenizing"):
+        tokenized = tokenize_pairs(
+            splits,
+            tokenizer,
+            data_args.max_source_length,
+            data_args.max_target_length,
+            num_proc=data_args.preprocessing_num_workers,
+        )
+    evaluation = {}
+    for name in ("validation", "test"):
+        if name not in tokenized:
+            continue
+        pairs = TokenizedPairs.from_dataset(tokenized[name])
+        order = pairs.length_sorted_order()
+        evaluation[name] = EvalSplit(
+            dataset=pairs.select(order),
+            references=[splits[name]["target"][i] for i in order.tolist()],
+            sources=[splits[name]["source"][i] for i in order.tolist()],
+            order=order,
+        )
+    train = TokenizedPairs.from_dataset(tokenized["train"]) if "train" in tokenized else None
+    return PreparedData(splits, tokenizer, train, evaluation)
+
+
+# --- model --------------------------------------------------------------------------------------
+def check_model_arguments(model_args: ModelArguments) -> None:
+    """Fail before any data work when the family or a config field is wrong (the config is built
+    once here with a stand-in vocabulary size; the real one comes from the tokenizer)."""
+    if model_args.model_name_or_path:
+        return
+    if model_args.model_type not in hf_fusion.MODEL_FAMILIES:
+        raise ValueError(
+            f"model_type={model_args.model_type!r} is not an hf_fusion family; allowed: "
+            f"{', '.join(hf_fusion.MODEL_FAMILIES)}."
+        )
+    AutoConfig.for_model(model_args.model_type, **{"vocab_size": 1000, **model_args.model_config})
+
+
+def build_model(model_args: ModelArguments, tokenizer: Any) -> PreTrainedModel:
+    """A fresh model of ``model_type`` sized to the tokenizer, or the checkpoint to fine-tune.
+
+    A BART/mBART/Marian checkpoint is converted to ``model_type`` on load; ``model_config``
+    fields override the checkpoint's config (e.g. ``dropout``, ``label_smoothing``).
+    """
+    fields = dict(model_args.model_config)
+    if model_args.model_name_or_path:
+        source_type = AutoConfig.from_pretrained(model_args.model_name_or_path).model_type
+        if source_type in hf_fusion.MODEL_FAMILIES:
+            model = AutoModelForSeq2SeqLM.from_pretrained(model_args.model_name_or_path, **fields)
+        elif source_type in ARCHITECTURES:
+            model = hf_fusion.convert_from_pretrained(model_args.model_name_or_path, model_args.model_type, **fields)
+        else:
+            raise ValueError(
+                f"model_name_or_path={model_args.model_name_or_path!r} is a {source_type!r} model; allowed: an "
+                f"hf_fusion checkpoint ({', '.join(hf_fusion.MODEL_FAMILIES)}) or one to convert "
+                f"({', '.join(ARCHITECTURES)})."
+            )
+    else:
+        check_model_arguments(model_args)
+        fields.setdefault("vocab_size", len(tokenizer))
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            fields.setdefault(name, getattr(tokenizer, name))
+        fields.setdefault("decoder_start_token_id", tokenizer.eos_token_id)
+        config = AutoConfig.for_model(model_args.model_type, **fields)
+        model = AutoModelForSeq2SeqLM.from_config(config)
+    check_tokenizer_fits(tokenizer, model.config)
+    return model
+
+
+# --- training -----------------------------------------------------------------------------------
+def resolve_checkpoint(resume: str | None, output_dir: str) -> str | None:
+    """``--resume_from_checkpoint`` as a folder: ``true``/``last`` means the newest in OUTPUT_DIR."""
+    if resume is None or str(resume).lower() in ("false", "no", "none", ""):
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is not None:
+            raise ValueError(
+                f"{output_dir} already holds checkpoints ({Path(last).name}). Continue that run with "
+                "--resume_from_checkpoint true, or choose another --output_dir."
+            )
+        return None
+    if str(resume).lower() in ("true", "last", "yes"):
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            raise ValueError(f"--resume_from_checkpoint true, but {output_dir} holds no checkpoint-* folder.")
+        return last
+    if not os.path.isdir(resume):
+        raise ValueError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder.")
+    return resume
+
+
+def _trainer_args(training_args: FusionTrainingArguments) -> FusionTrainingArguments:
+    """The Trainer's copy of the arguments: the Trainer never pushes (we push the exported folder)
+    and resumption is handled here."""
+    return replace(training_args, push_to_hub=False, resume_from_checkpoint=None)
+
+
+def _callbacks(training_args: FusionTrainingArguments, title: str) -> list[TrainerCallback]:
+    callbacks: list[TrainerCallback] = []
+    if training_args.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(training_args.early_stopping_patience))
+    if training_args.max_train_minutes is not None:
+        broadcast = None
+        if training_args.world_size > 1:
+            from accelerate.utils import broadcast as accelerate_broadcast
+
+            broadcast = accelerate_broadcast
+        callbacks.append(TimeBudgetCallback(training_args.max_train_minutes, broadcast=broadcast))
+    if training_args.plot_training_curves:
+        callbacks.append(TrainingCurvesCallback(title))
+    return callbacks
+
+
+def build_trainer(
+    experiment: Experiment,
+    data: PreparedData,
+    model: PreTrainedModel,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> tuple[FusionSeq2SeqTrainer, TranslationMetrics]:
+    """The Trainer of a run, validating on the (length-sorted) validation split if there is one."""
+    validation = data.evaluation.get("validation")
+    metric = load_translation_metric(keep_in_memory=True)  # no cache files shared between processes
+    metrics = TranslationMetrics(data.tokenizer, metric, validation.references if validation else [])
+    title = f"{experiment.model.model_type} on {experiment.data.train_file or experiment.data.dataset}"
+    trainer = FusionSeq2SeqTrainer(
+        model=model,
+        args=_trainer_args(experiment.training),
+        train_dataset=data.train,
+        eval_dataset=validation.dataset if validation else None,
+        data_collator=PairCollator(data.tokenizer.pad_token_id),
+        processing_class=data.tokenizer,
+        compute_metrics=metrics,
+        callbacks=[*_callbacks(experiment.training, title), *callbacks],
+    )
+    return trainer, metrics
+
+
+def configure_generation(model: PreTrainedModel, num_beams: int, max_length: int) -> None:
+    """Set the decoding defaults saved as generation_config.json (what ``generate()`` does unless
+    told otherwise). A fresh config, so the file holds these settings only (evaluation fills every
+    library default into the model's generation config)."""
+    model.generation_config = GenerationConfig(
+        num_beams=num_beams,
+        max_length=max_length,
+        early_stopping=True,
+        **{name: getattr(model.config, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")},
+    )
+
+
+def evaluate_split(
+    trainer: FusionSeq2SeqTrainer,
+    metrics: TranslationMetrics,
+    split: EvalSplit,
+    name: str,
+    num_beams: int,
+    max_length: int,
+) -> tuple[dict[str, float], list[str]]:
+    """Beam-search ``split``; returns the metrics (prefixed with ``name``) and the predictions in
+    the split's original order."""
+    with metrics.scoring(split.references):
+        output = trainer.predict(split.dataset, metric_key_prefix=name, num_beams=num_beams, max_length=max_length)
+        predictions = split.in_original_order(metrics.last_predictions)
+    return output.metrics, predictions
+
+
+@dataclass
+class RunResult:
+    """What a training run produced."""
+
+    metrics: dict[str, Any]
+    export_dir: Path | None
+    pushed_revision: str | None = None
+
+
+def _tokenizer_summary(tokenizer: Any, trained: bool) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    kind = json.loads(backend.to_str())["model"]["type"] if backend is not None else type(tokenizer).__name__
+    origin = "joint source/target vocabulary trained on the training split" if trained else "the given tokenizer"
+    return f"{kind} subwords, {len(tokenizer):,} tokens ({origin})."
+
+
+def _card_facts(
+    experiment: Experiment,
+    data: PreparedData,
+    model: PreTrainedModel,
+    results: dict[str, Any],
+    eval_split_name: str | None,
+    has_curves: bool,
+) -> CardFacts:
+    args, data_args = experiment.training, experiment.data
+    train = data.splits["train"]
+    config = model.config
+    hyperparameters = {
+        "learning rate": args.learning_rate,
+        "schedule": f"{args.lr_scheduler_type.value if hasattr(args.lr_scheduler_type, 'value') else args.lr_scheduler_type}"
+        f", {args.warmup_steps} warmup steps",
+        "optimizer": f"{args.optim.value if hasattr(args.optim, 'value') else args.optim} "
+        f"(betas {args.adam_beta1}, {args.adam_beta2}; weight decay {args.weight_decay})",
+        "batch": (
+            f"up to {args.max_tokens_per_batch} tokens and {args.per_device_train_batch_size} sentences per process"
+            if args.max_tokens_per_batch
+            else f"{args.per_device_train_batch_size} sentences per process"
+        )
+        + f", {args.world_size} process(es), gradient accumulation {args.gradient_accumulation_steps}",
+        "training steps": results.get("train_steps"),
+        "label smoothing (in the model)": getattr(config, "label_smoothing", 0.0),
+        "dropout": getattr(config, "dropout", None),
+        "max gradient norm": args.max_grad_norm,
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "seed": args.seed,
+    }
+    validation = {
+        key.removeprefix("best_validation_"): value
+        for key, value in results.items()
+        if key.startswith("best_validation_")
+    }
+    test_results = [
+        HeldOutScore(metric=metric, value=results[f"{eval_split_name}_{metric}"], split=eval_split_name, num_beams=args.final_num_beams)
+        for metric in ("bleu", "chrf")
+        if eval_split_name and f"{eval_split_name}_{metric}" in results
+    ]
+    dataset_is_hub = not data_args.train_file and data_args.dataset not in ("ding", "libreoffice")
+    return CardFacts(
+        model_type=config.model_type,
+        config=config,
+        num_parameters=model.num_parameters(),
+        repo_id=args.hub_model_id,
+        source_lang=data_args.source_lang,
+        target_lang=data_args.target_lang,
+        dataset_name=Path(data_args.train_file).name if data_args.train_file else data_args.dataset,
+        dataset_id=data_args.dataset if dataset_is_hub else None,
+        dataset_description=train.info.description or "",
+        dataset_license=train.info.license or None,
+        split_sizes={name: len(split) for name, split in data.splits.items()},
+        tokenizer_summary=_tokenizer_summary(data.tokenizer, trained=not (
+            experiment.model.tokenizer_name_or_path or experiment.model.model_name_or_path
+        )),
+        hyperparameters=hyperparameters,
+        results=test_results,
+        validation=validation,
+        license=getattr(args, "hub_license", None),
+        base_model=experiment.model.model_name_or_path,
+        example_source=data.splits[eval_split_name]["source"][0] if eval_split_name else CardFacts.example_source,
+        num_beams=args.final_num_beams,
+        has_curves=has_curves,
+        world_size=args.world_size,
+        training_seconds=results.get("train_runtime"),
+        device="GPU" if torch.cuda.is_available() and not args.use_cpu else "CPU",
+    )
+
+
+def train(
+    experiment: Experiment,
+    callbacks: Sequence[TrainerCallback] = (),
+    model_builder: Callable[[Any], PreTrainedModel] | None = None,
+    export: bool = True,
+) -> RunResult:
+    """Run an experiment end to end (see the module docstring).
+
+    Args:
+        experiment: The parsed arguments.
+        callbacks: Added to the Trainer's (e.g. to stop a run from a test).
+        model_builder: ``tokenizer -> model`` instead of :func:`build_model`, e.g. a baseline
+            that is not an hf_fusion family (``benchmarks/main_vs_bart.py``).
+        export: Write the Hub-ready folder (needs an hf_fusion model).
+    """
+    args = experiment.training
+    check_model_arguments(experiment.model)
+    set_seed(args.seed)
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    data = prepare_data(experiment.model, experiment.data, args)
+    if args.eval_strategy != "no" and "validation" not in data.evaluation:
+        raise ValueError(
+            f"eval_strategy={args.eval_strategy.value!r} needs a validation split, and the data has only "
+            f"{', '.join(data.splits)}: pass --validation_file, or --eval_strategy no "
+            "(then also --load_best_model_at_end false)."
+        )
+    with args.main_process_first(desc="loading the model"):
+        model = (model_builder or partial(build_model, experiment.model))(data.tokenizer)
+    logger.info(
+        "%s model with %s parameters; %d training pairs%s",
+        model.config.model_type,
+        f"{model.num_parameters():,}",
+        len(data.train),
+        f"; resuming from {checkpoint}" if checkpoint else "",
+    )
+    gen_max_length = args.generation_max_length or experiment.data.max_target_length
+    configure_generation(model, args.final_num_beams, gen_max_length)
+
+    trainer, metrics = build_trainer(experiment, data, model, callbacks)
+    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    results: dict[str, Any] = {
+        "train_runtime": train_output.metrics.get("train_runtime"),
+        "train_steps": trainer.state.global_step,
+        "train_loss": train_output.metrics.get("train_loss"),
+    }
+    validation_logs = [entry for entry in trainer.state.log_history if "eval_bleu" in entry]
+    if validation_logs:
+        best = max(validation_logs, key=lambda entry: entry["eval_bleu"])
+        results["best_validation_bleu"] = best["eval_bleu"]
+        results["best_validation_chrf"] = best.get("eval_chrf")
+
+    final_name = "test" if "test" in data.evaluation else ("validation" if "validation" in data.evaluation else None)
+    predictions: list[str] = []
+    if final_name:
+        scores, predictions = evaluate_split(
+            trainer, metrics, data.evaluation[final_name], final_name, args.final_num_beams, gen_max_length
+        )
+        results.update({key: value for key, value in scores.items() if key.endswith(("_bleu", "_chrf", "_gen_len"))})
+        results["final_eval_split"] = final_name
+        results["final_num_beams"] = args.final_num_beams
+        trainer.log_metrics(final_name, scores)
+
+    export_dir, revision = None, None
+    if not export and trainer.is_world_process_zero():
+        (Path(args.output_dir) / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+    elif trainer.is_world_process_zero():
+        export_dir = Path(args.export_dir)
+        output_dir = Path(args.output_dir)
+        curves = output_dir / "training_curves.png"
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        configure_generation(model, args.final_num_beams, gen_max_length)
+        card = render_model_card(
+            _card_facts(experiment, data, model, results, final_name, has_curves=curves.is_file())
+        )
+        extra = {"experiment.yaml": experiment.to_yaml(), RESULTS_FILE: json.dumps(results, indent=2) + "\n"}
+        if predictions:
+            extra[f"{final_name}_predictions.txt"] = "\n".join(predictions) + "\n"
+        export_model(model, data.tokenizer, export_dir, card, extra_files=extra, copy_files=[curves] if curves.is_file() else [])
+        (output_dir / RESULTS_FILE).write_text(extra[RESULTS_FILE])
+        logger.info("Exported the Hub-ready model folder to %s", export_dir)
+        if args.push_to_hub:
+            if not args.hub_model_id:
+                raise ValueError("--push_to_hub needs --hub_model_id NAMESPACE/NAME.")
+            revision = push_folder(
+                export_dir,
+                args.hub_model_id,
+                revision=args.hub_revision,
+                private=args.hub_private_repo,
+                token=args.hub_token,
+            )
+    trainer.accelerator.wait_for_everyone()
+    return RunResult(results, export_dir, revision)
+
+
+def evaluate_folder(experiment: Experiment, split: str) -> dict[str, Any]:
+    """Beam-search one split with the model in ``experiment.model.model_name_or_path``; writes
+    ``OUTPUT_DIR/{split}_results.json`` and ``OUTPUT_DIR/{split}_predictions.txt``."""
+    args = experiment.training
+    data = prepare_data(experiment.model, experiment.data, args, only_split=split)
+    model = build_model(experiment.model, data.tokenizer)
+    max_length = args.generation_max_length or experiment.data.max_target_length
+    configure_generation(model, args.final_num_beams, max_length)
+    trainer, metrics = build_trainer(experiment, data, model)
+    scores, predictions = evaluate_split(
+        trainer, metrics, data.evaluation[split], split, args.final_num_beams, max_length
+    )
+    results = {key: value for key, value in scores.items() if key.endswith(("_bleu", "_chrf", "_gen_len"))}
+    results.update(num_beams=args.final_num_beams, num_sentences=len(predictions), model=experiment.model.model_name_or_path)
+    output_dir = Path(args.output_dir)
+    results_file = output_dir / f"{split}_results.json"
+    if trainer.is_world_process_zero():
+        results_file.write_text(json.dumps(results, indent=2) + "\n")
+        (output_dir / f"{split}_predictions.txt").write_text("\n".join(predictions) + "\n", encoding="utf-8")
+    return {**results, "results_file": str(results_file)}
+
+
+def describe_data(experiment: Experiment) -> str:
+    """Build and cache the corpus, tokenizer and tokenized splits; summarise them (for
+    ``hf-fusion prepare-data``, e.g. before a multi-process run)."""
+    from .batching import LengthBucketBatchSampler, padded_fraction
+
+    args = experiment.training
+    data = prepare_data(experiment.model, experiment.data, args)
+    lines = [f"Tokenizer: {len(data.tokenizer):,} tokens ({type(data.tokenizer).__name__})"]
+    for name, split in data.splits.items():
+        pairs = data.train if name == "train" else data.evaluation[name].dataset
+        lines.append(
+            f"{name:>10}: {len(split):,} pairs, mean {pairs.source_lengths.mean():.1f} source / "
+            f"{pairs.target_lengths.mean():.1f} target tokens, longest {int(pairs.source_lengths.max())} / "
+            f"{int(pairs.target_lengths.max())}"
+        )
+    train = data.train
+    bucketed = LengthBucketBatchSampler(
+        train.source_lengths, train.target_lengths, args.max_tokens_per_batch, args.per_device_train_batch_size, args.seed
+    ).batches
+    rows = args.per_device_train_batch_size
+    shuffled = np.random.default_rng(args.seed).permutation(len(train))
+    random_batches = [shuffled[start : start + rows].tolist() for start in range(0, len(train), rows)]
+    lines.append(
+        f"Training batches: {len(bucketed):,} length-bucketed batches per epoch, "
+        f"{padded_fraction(train.source_lengths, train.target_lengths, bucketed):.1%} padding (random batches of {rows}: "
+        f"{padded_fraction(train.source_lengths, train.target_lengths, random_batches):.1%})"
+    )
+    return "\n".join(lines)
