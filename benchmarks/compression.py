@@ -123,7 +123,7 @@ ROWS = {
 def model_config(budget: Budget, vocab_size: int, shared: bool) -> FusionTransformerConfig:
     """Post-norm (BART-style) Transformer with tied embeddings and the budget's positions.
 
-    Post-norm because in pilot runs a pre-norm model at lr 2e-3..3e-3 let the encoder's residual
+    Post-norm because in pilot runs a pre-norm model at lr 1.5e-3..3e-3 let the encoder's residual
     stream grow an input-independent component, so that after its final LayerNorm the encoder
     output no longer depended on the source and the decoder degenerated into a language model."""
     fields = {
