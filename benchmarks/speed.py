@@ -6,9 +6,7 @@ batches, interleaved round by round so that machine load hits all models alike. 
 
 - training step: forward + backward + AdamW step, median seconds over the rounds;
 - generation: greedy and beam-4 tokens/s with a forced output length;
-- peak memory of a training step: on CUDA ``max_memory_allocated``; on CPU the peak RSS of a
-  fresh subprocess that builds the model and runs a few steps, minus its RSS after the imports
-  (RSS is per process, so each model gets its own).
+- peak memory of a training step: on CUDA ``max_memory_allocated`` (not reported on CPU).
 
 Ratios are ``bart_time / model_time`` for steps (>1 = faster than BART) and
 ``model_tokens_per_s / bart_tokens_per_s`` for generation (>1 = faster than BART).
@@ -21,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -124,27 +120,16 @@ def generation_tokens_per_s(model: torch.nn.Module, batch: dict, num_beams: int,
     return batch["input_ids"].shape[0] * new_tokens / (time.perf_counter() - start)
 
 
-def peak_memory_mb(name: str, device: str, batch_args: tuple[int, int, int]) -> float:
-    """Peak memory of training steps of ``name``: CUDA allocator peak, or a subprocess's peak RSS."""
-    if device == "cuda":
-        model = build(name).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        torch.cuda.reset_peak_memory_stats()
-        time_train_step(model, optimizer, make_batch(*batch_args, device), device, 3)
-        return torch.cuda.max_memory_allocated() / 2**20
-    # Peak RSS minus the RSS after the imports: the model, its gradients, the optimizer state and
-    # the activations, without the interpreter and library baseline every process pays.
-    code = (
-        "import sys, resource, torch; sys.argv=['x']; "
-        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
-        "import speed; "
-        "base = int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]); "
-        f"m = speed.build({name!r}); o = torch.optim.AdamW(m.parameters(), lr=1e-4); "
-        f"speed.time_train_step(m, o, speed.make_batch(*{batch_args!r}, 'cpu'), 'cpu', 3); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(result.stdout.strip().splitlines()[-1]) / 1024
+def peak_memory_mb(name: str, device: str, batch_args: tuple[int, int, int]) -> float | None:
+    """Peak CUDA memory of training steps of ``name``; ``None`` on CPU, where no per-model figure
+    was reliable (process RSS is dominated by the allocator's and the libraries' own footprint)."""
+    if device != "cuda":
+        return None
+    model = build(name).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    torch.cuda.reset_peak_memory_stats()
+    time_train_step(model, optimizer, make_batch(*batch_args, device), device, 3)
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def run(names: list[str], device: str, rounds: int, batch_args: tuple[int, int, int], new_tokens: int) -> dict:
@@ -173,7 +158,8 @@ def run(names: list[str], device: str, rounds: int, batch_args: tuple[int, int, 
         row["train_speed_vs_bart"] = bart["train_step_s"] / row["train_step_s"]
         row["greedy_speed_vs_bart"] = row["greedy_tok_s"] / bart["greedy_tok_s"]
         row["beam4_speed_vs_bart"] = row["beam4_tok_s"] / bart["beam4_tok_s"]
-        row["memory_vs_bart"] = row["peak_train_mem_mb"] / bart["peak_train_mem_mb"]
+        if bart["peak_train_mem_mb"] is not None:
+            row["memory_vs_bart"] = row["peak_train_mem_mb"] / bart["peak_train_mem_mb"]
     return results
 
 
@@ -192,7 +178,7 @@ def to_markdown(results: dict, meta: dict) -> str:
         lines.append(
             f"| {name} | {r['params_m']:.2f} | {1000 * r['train_step_s']:.1f} | {r['train_speed_vs_bart']:.3f} | "
             f"{r['greedy_tok_s']:.0f} | {r['greedy_speed_vs_bart']:.3f} | {r['beam4_tok_s']:.0f} | {r['beam4_speed_vs_bart']:.3f} | "
-            f"{r['peak_train_mem_mb']:.0f} | {r['memory_vs_bart']:.3f} |"
+            + (f"{r['peak_train_mem_mb']:.0f} | {r['memory_vs_bart']:.3f} |" if "memory_vs_bart" in r else "n/a (CPU) | n/a |")
         )
     return "\n".join(lines) + "\n"
 

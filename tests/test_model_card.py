@@ -89,7 +89,7 @@ def test_shared_models_report_depth_and_unique_layers() -> None:
 
 @pytest.mark.parametrize("family", sorted(hf_fusion.MODEL_FAMILIES))
 def test_every_registered_family_ships_a_card_template(family: str) -> None:
-    assert template_for(family) != BASE_TEMPLATE, f"add training/model_cards/{family}.md"
+    assert template_for(family) != BASE_TEMPLATE, f"add model_cards/{family}.md"
     config_class = hf_fusion.MODEL_FAMILIES[family][0]
     card = render_model_card(_facts(config_class(**TINY)))
     assert "## The variant" in card.text and "arxiv.org" in card.text.lower()

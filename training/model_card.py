@@ -21,8 +21,8 @@ from typing import Any
 
 import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from model_cards import TEMPLATE_DIR
 
-TEMPLATE_DIR = Path(__file__).with_name("model_cards")
 BASE_TEMPLATE = "base.md"
 # SPDX identifiers of corpus licenses -> Hub license ids.
 HUB_LICENSES = {
