@@ -16,7 +16,6 @@ import inspect
 import platform
 from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import jinja2
