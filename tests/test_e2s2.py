@@ -66,16 +66,7 @@ def any_tokenizer(request, tokenizer) -> PreTrainedTokenizerFast:
 
 def tiny_bart() -> BartForConditionalGeneration:
     config = BartConfig(
-        vocab_size=TINY["vocab_size"],
-        d_model=16,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        max_position_embeddings=64,
-        dropout=0.0,
+        **TINY,
         pad_token_id=1,
         bos_token_id=0,
         eos_token_id=2,

@@ -21,7 +21,7 @@ from hf_fusion import (
 )
 from hf_fusion.sharing import execution_plan
 from hf_fusion.transfer import main as transfer_main
-from tests.helpers import assert_cached_decoding_matches, assert_roundtrip_in_clean_process, random_batch
+from tests.helpers import TINY, assert_cached_decoding_matches, assert_roundtrip_in_clean_process, random_batch
 
 LAYER_KEY = re.compile(r"^model\.(encoder|decoder)\.layers\.(\d+)\.(.+)$")
 
@@ -417,18 +417,7 @@ def test_transfer_bad_input(teacher, kwargs: dict, message: str) -> None:
 
 
 def test_transfer_from_bart_checkpoint(tmp_path) -> None:
-    bart_config = BartConfig(
-        vocab_size=100,
-        d_model=16,
-        encoder_layers=3,
-        decoder_layers=3,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        max_position_embeddings=64,
-        dropout=0.0,
-    )
+    bart_config = BartConfig(**{**TINY, "encoder_layers": 3, "decoder_layers": 3})
     bart = BartForConditionalGeneration(bart_config).eval()
     bart.save_pretrained(tmp_path / "bart")
     # Without sharing, "mean" over one layer per block is an exact copy: the logits are BART's.
