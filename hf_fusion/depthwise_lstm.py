@@ -28,13 +28,13 @@ pre-activation LayerNorm.
   its LSTM cell. The attention modules are the core's ``FusionAttention``, so
   keys/values are cached per depth step exactly as in the residual model.
 
-Where it plugs in. :class:`DepthwiseLSTMConnection` is the stack-level connection object. The
-state is the *packed* tensor ``[h ; c]`` of shape ``(batch, len, 2 * d_model)``; the stack hands
-it to each layer as the first positional argument and takes the layer's packed output back. One
-tensor rather than a tuple because reentrant gradient checkpointing only tracks tensors passed
-positionally: a tuple would silently cut the gradient of c. ``hidden(state)`` returns the visible
-``h`` only, so ``output_hidden_states`` and the encoder-memory seam (EncoderFusion's layer
-states) see d_model-wide states like any other connection.
+Where it plugs in. :class:`DepthwiseLSTMConnection` is the stack-level connection object. A
+layer receives the *packed* tensor ``[h ; c]`` of shape ``(batch, len, 2 * d_model)`` as its first
+positional argument and returns the packed new state: one tensor rather than a tuple because
+reentrant gradient checkpointing only tracks tensors passed positionally (a tuple would silently
+cut the gradient of c). Between layers the connection keeps ``(h, c)`` apart and exposes ``h``, so
+``output_hidden_states`` and the encoder-memory seam (EncoderFusion's layer states) see
+d_model-wide states that the next step really consumes.
 
 Choices and defaults (the paper leaves these open; each is a config field):
 - Initial state: ``h_0 = c_0 = `` the embedding layer output (tokens + positions, after the
@@ -247,6 +247,10 @@ class DepthwiseLSTMDecoderLayer(GradientCheckpointingLayer):
         self_out = nn.functional.dropout(self_out, p=self.dropout, training=self.training)
         if self.per_sublayer:
             h, c = self.self_attn_lstm([self_out], h, c)
+        if encoder_hidden_states is None:  # a decoder used on its own: no cross-attention step (BART)
+            if not self.per_sublayer:
+                h, c = self.lstm([self_out, torch.zeros_like(self_out)], h, c)
+            return pack_state(h, c), (self_weights, None)
         cross_out, cross_weights = self.encoder_attn(
             h if self.per_sublayer else self_out,
             key_value_states=encoder_hidden_states,
@@ -264,10 +268,14 @@ class DepthwiseLSTMDecoderLayer(GradientCheckpointingLayer):
 
 
 class DepthwiseLSTMConnection(nn.Module):
-    """Stack-level side of the depth-wise LSTM: the running state is the packed ``[h ; c]``.
+    """Stack-level side of the depth-wise LSTM: the running state is the pair ``(h, c)``.
 
-    The layers do the LSTM steps; the connection starts the state from the embeddings
-    (``h_0 = c_0 = embeddings``), passes it through unchanged, and exposes ``h``.
+    The layers do the LSTM steps on the packed ``[h ; c]`` (one tensor, for reentrant gradient
+    checkpointing); the connection starts the state from the embeddings (``h_0 = c_0 =
+    embeddings``), packs it for each layer and unpacks what comes back. It keeps ``h`` as its own
+    tensor so that the ``h`` a step exposes (``output_hidden_states``, the layer states EncoderFusion
+    reads) is the very tensor the next step consumes: gradients reach it, and ``retain_grad`` on a
+    returned hidden state sees them.
 
     Args:
         config: The model config.
@@ -276,22 +284,23 @@ class DepthwiseLSTMConnection(nn.Module):
 
     def __init__(self, config: FusionTransformerConfig, num_steps: int):
         super().__init__()
-        self.d_model = config.d_model
 
-    def start(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return pack_state(embeddings, embeddings)
+    def start(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return embeddings, embeddings
 
-    def layer_input(self, state: torch.Tensor, step_idx: int) -> torch.Tensor:
-        return state
+    def layer_input(self, state: tuple[torch.Tensor, torch.Tensor], step_idx: int) -> torch.Tensor:
+        return pack_state(*state)
 
-    def update(self, state: torch.Tensor, layer_output: torch.Tensor, step_idx: int) -> torch.Tensor:
-        return layer_output
+    def update(
+        self, state: tuple[torch.Tensor, torch.Tensor], layer_output: torch.Tensor, step_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return unpack_state(layer_output)
 
-    def hidden(self, state: torch.Tensor) -> torch.Tensor:
-        return state[..., : self.d_model]
+    def hidden(self, state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return state[0]
 
-    def finish(self, state: torch.Tensor) -> torch.Tensor:
-        return self.hidden(state)
+    def finish(self, state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return state[0]
 
 
 DEPTHWISE_LSTM = ConnectionSpec(DepthwiseLSTMConnection, DepthwiseLSTMEncoderLayer, DepthwiseLSTMDecoderLayer)

@@ -64,6 +64,30 @@ def token_cross_entropy(
 
 
 @dataclass
+class HeadContext:
+    """Everything an output head may read besides the decoder output, in one object so that each
+    head takes what it needs by name and a new head needs no new call signature.
+
+    Args:
+        labels: (batch, tgt_len) target ids, -100 where ignored; ``None`` at inference.
+        num_items_in_batch: Target tokens of the whole accumulated batch (from the Trainer).
+        decoder_top_layer_state: (batch, tgt_len, d_model) last decoder step's state before the
+            stack's final LayerNorm.
+        encoder_hidden_states: (batch, src_len, d_model) the encoder output X^N.
+        encoder_token_embeddings: (batch, src_len, d_model) scaled source token embeddings
+            without positions; ``None`` when the caller passed hand-made encoder outputs.
+        encoder_attention_mask: (batch, src_len) source padding mask, 1 for tokens.
+    """
+
+    labels: torch.Tensor | None = None
+    num_items_in_batch: int | torch.Tensor | None = None
+    decoder_top_layer_state: torch.Tensor | None = None
+    encoder_hidden_states: torch.Tensor | None = None
+    encoder_token_embeddings: torch.Tensor | None = None
+    encoder_attention_mask: torch.Tensor | None = None
+
+
+@dataclass
 class HeadOutput:
     """What a head returns: logits for generation, and the loss with its components when labels
     were given."""
@@ -84,18 +108,15 @@ class LMHead(nn.Module):
         self,
         project: Callable[[torch.Tensor], torch.Tensor],
         decoder_hidden_states: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        num_items_in_batch: int | torch.Tensor | None = None,
-        **encoder_context,
+        context: HeadContext,
     ) -> HeadOutput:
         """Args:
             project: The tied output projection, (..., d_model) -> (..., vocab).
             decoder_hidden_states: (batch, tgt_len, d_model), the decoder's final output.
-            labels: (batch, tgt_len) target ids, -100 where ignored.
-            encoder_context: encoder outputs and caches, unused by this head.
+            context: Labels and loss normalisation (the encoder side is unused by this head).
         """
         logits = project(decoder_hidden_states)
         loss = None
-        if labels is not None:
-            loss = token_cross_entropy(logits, labels, self.label_smoothing, num_items_in_batch)
+        if context.labels is not None:
+            loss = token_cross_entropy(logits, context.labels, self.label_smoothing, context.num_items_in_batch)
         return HeadOutput(logits=logits, loss=loss)

@@ -111,17 +111,39 @@ def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def causal_mask(
-    tgt_len: int, past_len: int, attention_mask: torch.Tensor | None, device: torch.device
+    tgt_len: int,
+    past_len: int | torch.Tensor,
+    kv_len: int,
+    attention_mask: torch.Tensor | None,
+    device: torch.device,
 ) -> torch.Tensor | None:
-    """Boolean ``(batch|1, 1, tgt_len, past_len + tgt_len)`` causal mask, or ``None`` when the
-    attention kernel's own ``is_causal`` (no past, no padding) or no mask (one query) suffices."""
-    if attention_mask is None and (past_len == 0 or tgt_len == 1):
-        return None
-    query_pos = torch.arange(past_len, past_len + tgt_len, device=device)[:, None]
-    key_pos = torch.arange(past_len + tgt_len, device=device)[None, :]
-    mask = (key_pos <= query_pos)[None, None]  # (1, 1, tgt_len, past_len + tgt_len)
+    """Boolean ``(batch|1, 1, tgt_len, kv_len)`` causal self-attention mask, or ``None`` when the
+    attention kernel's own ``is_causal`` (no past, no padding) or no mask (one query) suffices.
+
+    Args:
+        tgt_len: Number of new queries.
+        past_len: Positions already in the cache (a 0-d tensor for a static cache).
+        kv_len: Length of the keys the attention will see: ``past_len + tgt_len`` for a dynamic
+            cache, the preallocated length for a static one (its unwritten tail stays masked
+            because it lies in the future of every query).
+        attention_mask: ``(batch, past_len + tgt_len)`` 0/1 padding mask; or a 4-D mask that
+            ``generate`` already built for a static cache, boolean (True = attend) or additive
+            (0 = attend), passed through as boolean.
+    """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    if attention_mask is None and kv_len == tgt_len and not isinstance(past_len, torch.Tensor):
+        return None  # no past: SDPA's is_causal
+    if attention_mask is None and tgt_len == 1 and not isinstance(past_len, torch.Tensor) and kv_len == past_len + 1:
+        return None  # one query over its whole past
+    query_pos = torch.arange(tgt_len, device=device)[:, None] + past_len
+    key_pos = torch.arange(kv_len, device=device)[None, :]
+    mask = (key_pos <= query_pos)[None, None]  # (1, 1, tgt_len, kv_len)
     if attention_mask is not None:
-        mask = mask & attention_mask[:, None, None, -(past_len + tgt_len) :].bool()
+        padding = attention_mask.bool()[:, -kv_len:]
+        if padding.shape[-1] < kv_len:  # static cache: the keys beyond the mask lie in the future anyway
+            padding = nn.functional.pad(padding, (0, kv_len - padding.shape[-1]), value=False)
+        mask = mask & padding[:, None, None, :]
     return mask
 
 
@@ -316,8 +338,8 @@ class FusionDecoderLayer(FusionEncoderLayer):
         """Args:
             hidden_states: (batch, tgt_len, d_model).
             attention_mask: boolean causal mask (batch|1, 1, tgt_len, past+tgt_len) or ``None``.
-            encoder_hidden_states: this step's memory (batch, src_len, d_model); may be ``None``
-                once the cross-attention cache slot ``cache_idx`` is filled.
+            encoder_hidden_states: this step's memory (batch, src_len, d_model), read only while the
+                cross-attention cache slot ``cache_idx`` is empty; ``None`` skips cross-attention.
             encoder_attention_mask: boolean (batch, 1, 1, src_len) or ``None``.
             past_key_values: an ``EncoderDecoderCache``; this call uses slot ``cache_idx``.
         Returns the new stream and (self-attention weights, cross-attention weights).
@@ -330,15 +352,17 @@ class FusionDecoderLayer(FusionEncoderLayer):
             output_attentions=output_attentions,
         )
         hidden_states = self.join(hidden_states, attn_out, self.self_attn_layer_norm)
-        cross_out, cross_weights = self.encoder_attn(
-            self.sublayer_input(hidden_states, self.encoder_attn_layer_norm),
-            key_value_states=encoder_hidden_states,
-            attention_mask=encoder_attention_mask,
-            past_key_values=past_key_values,
-            cache_idx=cache_idx,
-            output_attentions=output_attentions,
-        )
-        hidden_states = self.join(hidden_states, cross_out, self.encoder_attn_layer_norm)
+        cross_weights = None
+        if encoder_hidden_states is not None:  # a decoder used on its own has no cross-attention (BART)
+            cross_out, cross_weights = self.encoder_attn(
+                self.sublayer_input(hidden_states, self.encoder_attn_layer_norm),
+                key_value_states=encoder_hidden_states,
+                attention_mask=encoder_attention_mask,
+                past_key_values=past_key_values,
+                cache_idx=cache_idx,
+                output_attentions=output_attentions,
+            )
+            hidden_states = self.join(hidden_states, cross_out, self.encoder_attn_layer_norm)
         ffn_out = self.feed_forward(self.sublayer_input(hidden_states, self.final_layer_norm))
         hidden_states = self.join(hidden_states, ffn_out, self.final_layer_norm)
         return hidden_states, (self_weights, cross_weights)

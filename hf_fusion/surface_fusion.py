@@ -53,10 +53,12 @@ log P - log Z, i.e. the reference's score plus -log Z >= 0, which can reorder be
 scores with the unnormalised log P); sampling draws from the renormalised distribution. This is a
 deliberate choice: it is what any HF decoding strategy needs (a distribution), and the tests pin it.
 
-Incremental decoding: keys and values depend on the source only, so they are projected once and
-kept in the ``EncoderDecoderCache``'s cross-attention cache at slot ``config.decoder_layers`` (one
-past the last decoder step's slot). Living in that cache, they are reordered by beam search,
-selected and repeated with the rest of it.
+Incremental decoding: keys and values depend on the source only, but they are projected again at
+every decoding step rather than cached. A cache slot of their own would make the cross-attention
+cache one layer longer than the self-attention cache, which transformers' cache layout, static
+caches and assisted decoding do not allow. The cost per generated token is two (src_len x d) by
+(d x d) projections with the default single head, about one decoder layer's cross-attention
+projections.
 
 Deviations from the reference code, none of which changes the equations above:
 - Initialisation is the core's (normal with ``init_std``) rather than Xavier; the FFN's activation
@@ -73,10 +75,9 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicLayer, EncoderDecoderCache
 
 from .configuration_fusion_transformer import FusionTransformerConfig
-from .heads import HeadOutput, log_prob_nll
+from .heads import HeadContext, HeadOutput, log_prob_nll
 from .layers import FusionAttention, padding_mask
 
 
@@ -106,7 +107,7 @@ class SurfaceFusionHead(nn.Module):
 
     Args:
         config: The model config; reads the ``surface_fusion_*`` fields, ``label_smoothing``,
-            the dropouts, ``decoder_ffn_dim`` and ``decoder_layers`` (the cache slot).
+            the dropouts and ``decoder_ffn_dim``.
     """
 
     def __init__(self, config: FusionTransformerConfig):
@@ -116,47 +117,25 @@ class SurfaceFusionHead(nn.Module):
         self.tau = config.surface_fusion_tau
         self.label_smoothing = config.label_smoothing
         self.dropout = config.dropout
-        # One past the decoder steps' slots, so it never collides with a decoder layer's cache.
-        self.cache_slot = config.decoder_layers
         self.surface_attn = FusionAttention(config, config.surface_fusion_heads, is_cross_attention=True)
         self.ffn = SurfaceFusionFFN(config) if config.surface_fusion_ffn else None
         learned_gate = self.mode == "hard" and self.fixed_lambda is None
         self.gate = nn.Linear(2 * config.d_model, 1, bias=False) if learned_gate else None
 
-    def surface_states(
-        self,
-        query_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None,
-        encoder_token_embeddings: torch.Tensor | None,
-        encoder_attention_mask: torch.Tensor | None,
-        past_key_values: EncoderDecoderCache | None,
-    ) -> torch.Tensor:
-        """r = MultiHeadAttn(stopgrad(query), stopgrad(X^N), V): (batch, tgt_len, d_model).
-
-        Keys and values are projected on the first call and read from the cache slot afterwards.
-        """
-        cached = past_key_values is not None and past_key_values.is_updated.get(self.cache_slot, False)
-        keys = values = None
-        if not cached:
-            if encoder_hidden_states is None or encoder_token_embeddings is None:
-                raise ValueError(
-                    "The SurfaceFusion head needs the encoder output and the source token embeddings: pass "
-                    "encoder_outputs as returned by model.get_encoder() (a FusionEncoderOutput with "
-                    "token_embeddings), not a tuple or a plain BaseModelOutput."
-                )
-            keys = encoder_hidden_states.detach()
-            values = nn.functional.dropout(encoder_token_embeddings, p=self.dropout, training=self.training)
-            if past_key_values is not None:
-                layers = past_key_values.cross_attention_cache.layers
-                while len(layers) <= self.cache_slot:
-                    layers.append(DynamicLayer())
+    def surface_states(self, query_states: torch.Tensor, context: HeadContext) -> torch.Tensor:
+        """r = MultiHeadAttn(stopgrad(query), stopgrad(X^N), V): (batch, tgt_len, d_model)."""
+        if context.encoder_hidden_states is None or context.encoder_token_embeddings is None:
+            raise ValueError(
+                "The SurfaceFusion head needs the encoder output and the source token embeddings: pass "
+                "encoder_outputs as returned by model.get_encoder() (a FusionEncoderOutput with "
+                "token_embeddings), not a tuple or a plain BaseModelOutput."
+            )
+        values = nn.functional.dropout(context.encoder_token_embeddings, p=self.dropout, training=self.training)
         surface, _ = self.surface_attn(
             query_states.detach(),
-            key_value_states=keys,
+            key_value_states=context.encoder_hidden_states.detach(),
             value_states=values,
-            attention_mask=padding_mask(encoder_attention_mask),
-            past_key_values=past_key_values,
-            cache_idx=self.cache_slot,
+            attention_mask=padding_mask(context.encoder_attention_mask),
         )
         return surface
 
@@ -179,45 +158,31 @@ class SurfaceFusionHead(nn.Module):
         self,
         project: Callable[[torch.Tensor], torch.Tensor],
         decoder_hidden_states: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        num_items_in_batch: int | torch.Tensor | None = None,
-        decoder_top_layer_state: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
-        encoder_token_embeddings: torch.Tensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
-        past_key_values: EncoderDecoderCache | None = None,
-        **encoder_context,
+        context: HeadContext,
     ) -> HeadOutput:
         """Args:
             project: The tied output projection ``E h + b``, (..., d_model) -> (..., vocab).
             decoder_hidden_states: (batch, tgt_len, d_model) decoder output, the target path's h.
-            labels: (batch, tgt_len) target ids, -100 where ignored.
-            decoder_top_layer_state: (batch, tgt_len, d_model) last decoder step's state before the
-                final LayerNorm, the surface attention's query (defaults to the decoder output).
-            encoder_hidden_states: (batch, src_len, d_model) X^N, the keys.
-            encoder_token_embeddings: (batch, src_len, d_model) V, the values.
-            encoder_attention_mask: (batch, src_len), 1 for tokens, 0 for padding.
-            past_key_values: the generation cache; the surface keys/values live in its
-                cross-attention slot ``config.decoder_layers``.
+            context: Labels, and the encoder side: ``encoder_hidden_states`` X^N (the keys),
+                ``encoder_token_embeddings`` V (the values), ``encoder_attention_mask``, and
+                ``decoder_top_layer_state``, the query (defaults to the decoder output).
 
         Returns:
             ``HeadOutput`` with ``logits`` = log P (batch, tgt_len, vocab) in float32 (unnormalised
             in hard mode, see the module docstring), and with labels the loss and
             ``loss_terms = {"ce_tgt", "ce_src"}``.
         """
-        query_states = decoder_hidden_states if decoder_top_layer_state is None else decoder_top_layer_state
-        surface = self.surface_states(
-            query_states, encoder_hidden_states, encoder_token_embeddings, encoder_attention_mask, past_key_values
-        )
+        query_states = decoder_hidden_states if context.decoder_top_layer_state is None else context.decoder_top_layer_state
+        surface = self.surface_states(query_states, context)
         target = decoder_hidden_states
         if self.ffn is not None:
             target, surface = self.ffn(target), self.ffn(surface)
         log_probs, log_p_tgt, log_p_src = self.fuse(project(target).float(), project(surface).float(), target, surface)
+        labels = context.labels
         if labels is None:
             return HeadOutput(logits=log_probs)
-        loss = log_prob_nll(log_probs, labels, self.label_smoothing, num_items_in_batch)
-        loss_terms = {
-            "ce_tgt": log_prob_nll(log_p_tgt, labels, self.label_smoothing, num_items_in_batch),
-            "ce_src": log_prob_nll(log_p_src, labels, self.label_smoothing, num_items_in_batch),
-        }
-        return HeadOutput(logits=log_probs, loss=loss, loss_terms=loss_terms)
+        loss, ce_tgt, ce_src = (
+            log_prob_nll(log_p, labels, self.label_smoothing, context.num_items_in_batch)
+            for log_p in (log_probs, log_p_tgt, log_p_src)
+        )
+        return HeadOutput(logits=log_probs, loss=loss, loss_terms={"ce_tgt": ce_tgt, "ce_src": ce_src})

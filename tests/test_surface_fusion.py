@@ -17,6 +17,7 @@ from hf_fusion import (
     SurfaceFusionForConditionalGeneration,
     convert_from_pretrained,
 )
+from hf_fusion.compat import output_cache
 from hf_fusion.heads import token_cross_entropy
 from tests.helpers import TINY, assert_cached_decoding_matches, assert_roundtrip_in_clean_process, random_batch
 
@@ -67,12 +68,12 @@ def recompute(model: SurfaceFusionForConditionalGeneration, batch: dict[str, tor
     """
     config = model.config
     head = model.output_head
-    body = model.model(
+    encoder_out, decoder_out = model.model.encode_decode(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         decoder_input_ids=batch["decoder_input_ids"],
     )
-    query, target, keys = body.decoder_top_layer_state, body.last_hidden_state, body.encoder_last_hidden_state
+    query, target, keys = decoder_out.top_layer_state, decoder_out.last_hidden_state, encoder_out.last_hidden_state
     scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
     values = model.model.shared.weight[batch["input_ids"]] * scale  # (batch, src_len, d)
 
@@ -112,7 +113,7 @@ def recompute(model: SurfaceFusionForConditionalGeneration, batch: dict[str, tor
         log_probs = lam * log_p_tgt + (1 - lam) * log_p_src
     return dict(
         log_probs=log_probs, logits_tgt=logits_tgt, logits_src=logits_src, log_p_src=log_p_src, lam=lam, query=query,
-        target=body.last_hidden_state,
+        target=target,
     )
 
 
@@ -257,7 +258,8 @@ def test_source_term_reaches_the_embeddings_through_the_values_only() -> None:
         output.retain_grad()
         embedding_outputs.append(output)
 
-    model.model.shared.register_forward_hook(keep_output)
+    model.model.encoder.embed_tokens.register_forward_hook(keep_output)
+    model.model.decoder.embed_tokens.register_forward_hook(keep_output)
     out = model(**labelled_batch())
     source_embeddings, target_embeddings = embedding_outputs  # the encoder embeds first, then the decoder
     out.loss_terms["ce_src"].backward(retain_graph=True)
@@ -291,10 +293,11 @@ def test_cached_decoding_matches_full_recomputation(variant: str) -> None:
     assert_cached_decoding_matches(build(**HEAD_VARIANTS[variant]), random_batch())
 
 
-def test_surface_keys_and_values_are_computed_once_into_their_cache_slot() -> None:
+def test_cache_keeps_the_standard_layout_and_the_head_needs_the_source_embeddings() -> None:
+    """The surface keys/values are not cached: self- and cross-attention caches both hold one
+    slot per decoder step, the layout transformers' static caches and assisted decoding assume."""
     model = build(surface_fusion_heads=2)
     batch = random_batch()
-    slot = model.config.decoder_layers
     with torch.no_grad():
         encoder_outputs = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         first = model(
@@ -303,12 +306,9 @@ def test_surface_keys_and_values_are_computed_once_into_their_cache_slot() -> No
             decoder_input_ids=batch["decoder_input_ids"][:, :1],
             use_cache=True,
         )
-        cache = first.past_key_values
-        assert len(cache.cross_attention_cache.layers) == slot + 1 and cache.is_updated[slot]
-        keys = cache.cross_attention_cache.layers[slot].keys
-        assert keys.shape == (3, 2, batch["input_ids"].shape[1], TINY["d_model"] // 2)  # (batch, heads, src, head_dim)
-        # Later steps read the slot: they no longer need the source embeddings at all.
-        encoder_outputs.token_embeddings = None
+        cache = output_cache(first)
+        assert len(cache.cross_attention_cache.layers) == len(cache.self_attention_cache.layers)
+        assert len(cache.cross_attention_cache.layers) == model.config.decoder_layers
         second = model(
             encoder_outputs=encoder_outputs,
             attention_mask=batch["attention_mask"],
@@ -318,23 +318,11 @@ def test_surface_keys_and_values_are_computed_once_into_their_cache_slot() -> No
         )
         full = model(**{**batch, "decoder_input_ids": batch["decoder_input_ids"][:, :2]}).logits
     torch.testing.assert_close(second.logits[:, -1], full[:, -1], atol=1e-5, rtol=1e-4)
-    # Without a filled slot the head says what it is missing.
+    # Hand-made encoder outputs without the source embeddings: the head says what it is missing.
+    encoder_outputs.token_embeddings = None
     with pytest.raises(ValueError, match="token_embeddings"):
         model(encoder_outputs=encoder_outputs, attention_mask=batch["attention_mask"],
               decoder_input_ids=batch["decoder_input_ids"][:, :1])
-
-
-def test_beam_reordering_covers_the_surface_slot() -> None:
-    model = build()
-    batch = random_batch()
-    with torch.no_grad():
-        first_step = {**batch, "decoder_input_ids": batch["decoder_input_ids"][:, :1]}
-        cache = model(**first_step, use_cache=True).past_key_values
-    slot = model.config.decoder_layers
-    before = cache.cross_attention_cache.layers[slot].keys.clone()
-    order = torch.tensor([2, 0, 1])
-    cache.reorder_cache(order)
-    torch.testing.assert_close(cache.cross_attention_cache.layers[slot].keys, before[order])
 
 
 def test_greedy_generate_equals_stepwise_argmax_of_the_mixture() -> None:
@@ -386,8 +374,7 @@ def test_beam_search_scores_are_the_renormalised_mixture_and_match_uncached() ->
     assert (mixture.logsumexp(-1) < -1e-4).all()  # so renormalising really changes the scores
     assert torch.equal(cached.sequences, uncached.sequences)
     torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores)
-    slot = model.config.decoder_layers
-    assert cached.past_key_values.cross_attention_cache.layers[slot].keys.shape[0] == 3 * 3  # batch * beams
+    assert output_cache(cached).cross_attention_cache.layers[-1].keys.shape[0] == 3 * 3  # batch * beams
 
 
 # --- checkpoints, conversion, training, composition -------------------------------------------
@@ -470,5 +457,5 @@ def test_surface_fusion_on_a_recurrently_stacked_model() -> None:
     with torch.no_grad():
         out = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], num_beams=2, max_new_tokens=4,
                              return_dict_in_generate=True)
-    cross = out.past_key_values.cross_attention_cache
-    assert len(cross.layers) == model.config.decoder_layers + 1  # one slot per step, plus the surface slot
+    cross = output_cache(out).cross_attention_cache
+    assert len(cross.layers) == model.config.decoder_layers  # one slot per decoder step, none per block
