@@ -18,6 +18,7 @@ between releases is resolved here, so the modeling files read the same on every 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import fields
 from typing import Any
 
@@ -47,11 +48,20 @@ IGNORED_FORWARD_KWARGS: frozenset[str] = frozenset(
 def resolve_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
     """The cache passed under either name (``past_key_values`` up to 5.23, ``cache`` from 5.24).
 
+    On a release that renamed it, a caller still using ``past_key_values`` gets the same
+    ``FutureWarning`` transformers' own models give, and the call works.
+
     Raises:
         ValueError: if two different caches were passed.
     """
     if past_key_values is not None and cache is not None and past_key_values is not cache:
         raise ValueError("Pass the key/value cache once, as `cache` or as `past_key_values`, not both.")
+    if past_key_values is not None and CACHE_FIELD == "cache":
+        warnings.warn(
+            "`past_key_values` is deprecated in this transformers release and will be removed; pass `cache` instead.",
+            FutureWarning,
+            stacklevel=3,
+        )
     return cache if cache is not None else past_key_values
 
 
