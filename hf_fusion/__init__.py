@@ -8,13 +8,12 @@ self-contained folder that loads with ``trust_remote_code=True`` where it is not
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
-
 from .configuration_depthwise_lstm import DepthwiseLSTMConfig
 from .configuration_encoder_fusion import EncoderFusionConfig
 from .configuration_fusion_transformer import FusionTransformerConfig
 from .configuration_recurrent_stacking import RecurrentStackingConfig
 from .configuration_surface_fusion import SurfaceFusionConfig
+from .families import MODEL_FAMILIES, register_families
 from .modeling_depthwise_lstm import DepthwiseLSTMForConditionalGeneration, DepthwiseLSTMModel
 from .modeling_encoder_fusion import EncoderFusionForConditionalGeneration, EncoderFusionModel
 from .modeling_fusion_transformer import (
@@ -25,33 +24,11 @@ from .modeling_fusion_transformer import (
 from .modeling_recurrent_stacking import RecurrentStackingForConditionalGeneration, RecurrentStackingModel
 from .modeling_surface_fusion import SurfaceFusionForConditionalGeneration, SurfaceFusionModel
 
-# model_type -> (config class, base model class, LM class) of every model family.
-MODEL_FAMILIES = {
-    config_class.model_type: (config_class, base_class, lm_class)
-    for config_class, base_class, lm_class in (
-        (FusionTransformerConfig, FusionTransformerModel, FusionTransformerForConditionalGeneration),
-        (EncoderFusionConfig, EncoderFusionModel, EncoderFusionForConditionalGeneration),
-        (SurfaceFusionConfig, SurfaceFusionModel, SurfaceFusionForConditionalGeneration),
-        (RecurrentStackingConfig, RecurrentStackingModel, RecurrentStackingForConditionalGeneration),
-        (DepthwiseLSTMConfig, DepthwiseLSTMModel, DepthwiseLSTMForConditionalGeneration),
-    )
-}
+register_families()
 
-
-def _register_families() -> None:
-    for config_class, base_class, lm_class in MODEL_FAMILIES.values():
-        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-        AutoModel.register(config_class, base_class, exist_ok=True)
-        AutoModelForSeq2SeqLM.register(config_class, lm_class, exist_ok=True)
-        config_class.register_for_auto_class()
-        base_class.register_for_auto_class("AutoModel")
-        lm_class.register_for_auto_class("AutoModelForSeq2SeqLM")
-
-
-_register_families()
-
-from .convert import convert_from_pretrained  # noqa: E402  (needs the registered families)
-from .transfer import transfer_from_pretrained  # noqa: E402  (needs the registered families)
+from .checkpoint_code import refresh_model_code  # noqa: E402  (tools need the registered families)
+from .convert import convert_from_pretrained  # noqa: E402
+from .transfer import transfer_from_pretrained  # noqa: E402
 
 __all__ = [
     "MODEL_FAMILIES",
@@ -72,5 +49,6 @@ __all__ = [
     "DepthwiseLSTMModel",
     "DepthwiseLSTMForConditionalGeneration",
     "convert_from_pretrained",
+    "refresh_model_code",
     "transfer_from_pretrained",
 ]

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
 from .configuration_fusion_transformer import SIZE_FIELDS
+from .families import MODEL_FAMILIES
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +115,6 @@ def convert_from_pretrained(
         ValueError: for an unsupported source or family, or when a source weight has no place
             in the target (e.g. fewer layers requested than the source has).
     """
-    from . import MODEL_FAMILIES
-
     if model_type not in MODEL_FAMILIES:
         raise ValueError(f"model_type = {model_type!r} is not an hf_fusion family; allowed: {', '.join(MODEL_FAMILIES)}.")
     source_model = _load_source(source, **(load_kwargs or {}))

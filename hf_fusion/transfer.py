@@ -37,6 +37,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .configuration_fusion_transformer import SEAM_CHOICES, FusionTransformerConfig
+from .families import MODEL_FAMILIES
 from .convert import ARCHITECTURES, _load_source, convert_from_pretrained, parse_overrides
 from .sharing import execution_plan
 
@@ -116,8 +117,6 @@ def block_sources(
 
 def _as_fusion_model(teacher: str | os.PathLike | PreTrainedModel, load_kwargs: dict[str, Any]) -> PreTrainedModel:
     """An hf_fusion model equal to ``teacher`` (loaded, and converted if it is BART/mBART/Marian)."""
-    from . import MODEL_FAMILIES
-
     model = _load_source(teacher, **load_kwargs)
     if model.config.model_type in MODEL_FAMILIES:
         return model
@@ -161,8 +160,6 @@ def transfer_from_pretrained(
             the config's validation), an invalid ``block_source``, or student layer weights that
             have no counterpart in the teacher (a different layer type or width).
     """
-    from . import MODEL_FAMILIES
-
     if model_type not in MODEL_FAMILIES:
         raise ValueError(
             f"model_type = {model_type!r} is not an hf_fusion family; allowed: {', '.join(MODEL_FAMILIES)}."

@@ -4,6 +4,7 @@
     hf-fusion evaluate MODEL_FOLDER [--split test] [--key value ...]
     hf-fusion prepare-data CONFIG.yaml [--key value ...]
     hf-fusion push MODEL_FOLDER --repo_id NAMESPACE/NAME [--revision BRANCH] [--private]
+    hf-fusion refresh-code MODEL_FOLDER
 
 ``CONFIG.yaml`` is an experiment file (see ``training/configs/``); ``--key value`` overrides any of
 its keys, ``hf-fusion train --help`` lists them all. Multi-process training:
@@ -26,7 +27,7 @@ from .arguments import ARGUMENT_CLASSES, Experiment, parse_experiment
 
 logger = logging.getLogger("training")
 
-COMMANDS = ("train", "evaluate", "prepare-data", "push")
+COMMANDS = ("train", "evaluate", "prepare-data", "push", "refresh-code")
 USAGE = __doc__.split("\n\n")[1]
 
 
@@ -154,11 +155,30 @@ def command_push(argv: list[str]) -> int:
     return 0
 
 
+def command_refresh_code(argv: list[str]) -> int:
+    from hf_fusion import refresh_model_code
+
+    parser = argparse.ArgumentParser(
+        prog="hf-fusion refresh-code",
+        description="Replace the model code saved in a model folder with this installation's (weights untouched), "
+        "e.g. for folders saved before transformers 5.24 renamed the generation cache.",
+    )
+    parser.add_argument("folder", help="a saved hf_fusion model folder")
+    args = parser.parse_args(argv)
+    written, removed = refresh_model_code(args.folder)
+    print(f"Rewrote {len(written)} model code files in {args.folder}: {', '.join(written)}")
+    if removed:
+        print(f"Removed stale code files: {', '.join(removed)}")
+    print("Upload the folder again (hf-fusion push) so that Hub users get the new code.")
+    return 0
+
+
 HANDLERS = {
     "train": command_train,
     "evaluate": command_evaluate,
     "prepare-data": command_prepare_data,
     "push": command_push,
+    "refresh-code": command_refresh_code,
 }
 
 
@@ -172,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in HANDLERS:
         print(f"hf-fusion: unknown command {command!r}; choose from {', '.join(COMMANDS)}.", file=sys.stderr)
         return 2
-    if command != "push" and any(flag in rest for flag in ("-h", "--help")):
+    if command not in ("push", "refresh-code") and any(flag in rest for flag in ("-h", "--help")):
         _print_help()
         return 0
     try:

@@ -1,0 +1,357 @@
+"""Configuration of the hf_fusion seq2seq Transformer core.
+
+One config class describes the vanilla encoder-decoder (enough to express BART, mBART and Marian
+exactly) plus one string key per *seam* where a model family changes it:
+
+    execution plan    ``sharing_strategy`` + ``encoder_unique_layers`` / ``decoder_unique_layers``
+    depth connection  ``depth_connection``
+    encoder memory    ``encoder_memory``
+    output head       ``output_head``
+    auxiliary losses  (reported in the model output's ``loss_terms``; E2S2 wraps the model)
+
+Family configs (EncoderFusion, SurfaceFusion, ...) subclass this one and only change
+``model_type`` and defaults, so every family accepts every core option and the families compose:
+"SurfaceFusion on a recurrently stacked model" is a config, not a fork.
+
+Everything is validated when the config is built, so a bad value fails with the field name and
+the allowed values instead of deep inside ``forward``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
+
+from .sharing import execution_plan
+
+# The allowed values of every seam key. The modeling seam tables must implement exactly these
+# (a test checks it), so adding a variant means: add its key here, its module to the table.
+SEAM_CHOICES: dict[str, tuple[str, ...]] = {
+    "sharing_strategy": ("none", "recurrent", "sequence", "cycle", "cycle_rev"),
+    "depth_connection": ("residual", "dlcl", "depthwise_lstm"),
+    "encoder_memory": ("last", "transparent", "fine_grained"),
+    "output_head": ("lm", "surface_fusion"),
+}
+POSITION_EMBEDDING_TYPES = ("learned", "sinusoidal")
+# The sizes of the network: positive integers, named as in BART's config.
+SIZE_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "encoder_layers",
+    "decoder_layers",
+    "encoder_attention_heads",
+    "decoder_attention_heads",
+    "encoder_ffn_dim",
+    "decoder_ffn_dim",
+    "max_position_embeddings",
+)
+# Per layer-fusion memory: the ``fusion_dropout`` a config gets when it leaves the field unset
+# (Lingvo's transparent-merger default; the 0.3 of all of Liu et al.'s experiments).
+FUSION_DROPOUT_DEFAULTS: dict[str, float] = {"transparent": 0.1, "fine_grained": 0.3}
+# Options of the depth-wise LSTM connection (``depth_connection = "depthwise_lstm"``).
+DLSTM_DECODER_MODES = ("per_sublayer", "concat")
+DLSTM_GATE_NORMS = ("per_gate", "joint")
+DLSTM_ACTIVATIONS = ("relu", "gelu")
+DLSTM_CANDIDATES = ("linear", "ffn")
+SURFACE_FUSION_MODES = ("hard", "soft")
+
+
+def check_choice(cls_name: str, field: str, value: Any, choices: Iterable[Any]) -> None:
+    """Refuse ``value`` unless it is one of ``choices``, naming the field and the choices."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{cls_name}.{field} = {value!r} is not supported; allowed values: {', '.join(map(repr, choices))}.")
+
+
+def check_range(
+    cls_name: str,
+    field: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> None:
+    """Refuse a number outside ``[low, high]`` (bounds optional, open or closed), naming the range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{cls_name}.{field} must be a number, got {value!r}.")
+    too_low = low is not None and (value < low if low_inclusive else value <= low)
+    too_high = high is not None and (value > high if high_inclusive else value >= high)
+    if too_low or too_high:
+        left = "[" if low_inclusive else "("
+        right = "]" if high_inclusive else ")"
+        interval = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+        raise ValueError(f"{cls_name}.{field} = {value!r} is out of range; allowed: {interval}.")
+
+
+def check_positive_int(cls_name: str, field: str, value: Any) -> None:
+    """Refuse anything but an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{cls_name}.{field} must be a positive integer, got {value!r}.")
+
+
+class FusionTransformerConfig(PreTrainedConfig):
+    r"""Configuration of [`FusionTransformerModel`] and its family variants.
+
+    Field names follow BART so that converted checkpoints and HF tooling read them unchanged.
+
+    Args:
+        vocab_size: Size of the shared source/target vocabulary.
+        d_model: Width of every layer.
+        encoder_layers / decoder_layers: Depth of each stack, i.e. the number of *steps* executed;
+            with parameter sharing fewer parameter blocks back those steps.
+        encoder_attention_heads / decoder_attention_heads: Heads per attention; must divide d_model.
+        encoder_ffn_dim / decoder_ffn_dim: Inner width of the feed-forward sub-layers.
+        max_position_embeddings: Longest sequence a stack accepts; longer inputs raise a ValueError.
+        dropout / attention_dropout / activation_dropout: Dropout probabilities in [0, 1).
+        activation_function: Feed-forward activation, any key of ``transformers.activations.ACT2FN``.
+        init_std: Standard deviation of the normal initialisation.
+        scale_embedding: Multiply token embeddings by sqrt(d_model) (Marian, mBART).
+        normalize_before: Pre-norm residual sub-layers (mBART) instead of post-norm (BART, Marian).
+        position_embedding_type: ``"learned"`` (BART's table with its offset of 2) or
+            ``"sinusoidal"`` (Marian's fixed table, not stored in checkpoints).
+        layernorm_embedding: LayerNorm after token + position embeddings (BART, mBART).
+        add_final_layer_norm: LayerNorm at the top of each stack (pre-norm models such as mBART).
+        layer_norm_eps: Epsilon of every LayerNorm.
+        label_smoothing: Label smoothing of the model's own loss. The loss lives in the model (not
+            in the Trainer's label smoother) because output heads such as SurfaceFusion define a
+            loss over several distributions that a logits-only smoother would get wrong.
+        sharing_strategy: Execution plan, which parameter block each depth step runs:
+            ``"none"`` (one block per step), ``"recurrent"`` (one block for every step), or
+            Takase & Kiyono's ``"sequence"``, ``"cycle"``, ``"cycle_rev"``.
+        encoder_unique_layers / decoder_unique_layers: Number of parameter blocks per stack.
+            ``None`` means one per step for ``"none"`` and 1 for ``"recurrent"``; the other
+            strategies need it set explicitly.
+        depth_connection: How sub-layer outputs join the running state: ``"residual"``;
+            ``"dlcl"``: each layer's input is a learned linear combination of all earlier layers'
+            outputs (Wang et al. 2019), in encoder and decoder; or ``"depthwise_lstm"`` (Xu et al.,
+            arXiv 2007.06257: an LSTM across depth replaces the residual stream, LayerNorms and
+            feed-forward; see ``depthwise_lstm.py``).
+        dlstm_decoder_mode: Depth-wise LSTM decoder wiring: ``"per_sublayer"`` (one LSTM step after
+            self-attention, another after cross-attention) or ``"concat"`` (one step on both
+            sub-layers' outputs concatenated).
+        dlstm_gate_norm: LayerNorm of the LSTM pre-activations: ``"per_gate"`` (each gate, and
+            the ``"linear"`` candidate, normalised on its own over d) or ``"joint"`` (all of them
+            together, as the authors' Neutron cells do).
+        dlstm_activation: Activation of the LSTM candidate (the feed-forward's role): ``"relu"``
+            or ``"gelu"``.
+        dlstm_candidate: How the LSTM candidate is computed: ``"linear"`` (``act(LN(W x + b))``,
+            the equation of METHODS.md) or ``"ffn"`` (``W_2 act(LN(W_1 x + b_1)) + b_2`` with
+            inner width ``encoder_ffn_dim`` / ``decoder_ffn_dim``, as Neutron's cell does).
+        encoder_memory: What each decoder layer's cross-attention reads (``"last"``: the top
+            encoder layer, as in vanilla seq2seq; ``"transparent"``: a softmax-weighted sum of all
+            encoder layers per decoder layer, Bapna et al. 2018; ``"fine_grained"``: the same with
+            one weight per dimension, Liu et al. 2021).
+        fusion_dropout: Dropout on the layer-fusion weights before their softmax (DropConnect), and
+            for ``"fine_grained"`` also on the fused memory. ``None`` means the memory's default:
+            0.1 for ``"transparent"`` (Lingvo), 0.3 for ``"fine_grained"`` (the paper). Only valid
+            with a fusing ``encoder_memory``.
+        fusion_embedding_layer_norm: LayerNorm on the embedding layer before it is fused. ``None``
+            means the memory's default: on for ``"transparent"``; for ``"fine_grained"`` on in
+            post-norm models only, as in the official code. Only valid with a fusing ``encoder_memory``.
+        output_head: How the top decoder state becomes logits (``"lm"``: the tied LM head;
+            ``"surface_fusion"``: Liu et al.'s SurfaceFusion head, see ``surface_fusion.py``).
+        surface_fusion_mode: SurfaceFusion's fusion of the target and source distributions:
+            ``"hard"`` (log P = lambda log p_tgt + (1 - lambda) log p_src) or ``"soft"``
+            (log P = log_softmax(l_tgt + log_softmax(tau l_src))).
+        surface_fusion_lambda: Weight of the target distribution in hard fusion, in [0, 1]
+            (reference recipe: 0.8); ``None`` learns a per-position gate sigmoid(w . [h; r]).
+            Read in hard mode only.
+        surface_fusion_tau: Temperature on the source logits in soft fusion, > 0. Read in soft
+            mode only.
+        surface_fusion_heads: Heads of the surface attention; must divide d_model (paper: 1).
+        surface_fusion_ffn: Pass both the decoder state and the surface state through one shared
+            residual ReLU feed-forward network before the output projection (paper: on).
+    """
+
+    model_type = "fusion_transformer"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    # The key/value cache is sized by ``num_hidden_layers``: one slot per *decoder step*.
+    attribute_map = {
+        "num_attention_heads": "encoder_attention_heads",
+        "hidden_size": "d_model",
+        "num_hidden_layers": "decoder_layers",
+    }
+
+    # --- the vanilla Transformer -----------------------------------------------------------
+    vocab_size: int = 32000
+    d_model: int = 512
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    encoder_attention_heads: int = 8
+    decoder_attention_heads: int = 8
+    encoder_ffn_dim: int = 2048
+    decoder_ffn_dim: int = 2048
+    max_position_embeddings: int = 1024
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    activation_function: str = "gelu"
+    init_std: float = 0.02
+    scale_embedding: bool = False
+    normalize_before: bool = False
+    position_embedding_type: str = "learned"
+    layernorm_embedding: bool = True
+    add_final_layer_norm: bool = False
+    layer_norm_eps: float = 1e-5
+    label_smoothing: float = 0.0
+    use_cache: bool = True
+    is_encoder_decoder: bool = True
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 2
+    decoder_start_token_id: int | None = 2
+    forced_eos_token_id: int | list[int] | None = None
+
+    # --- seam 1: execution plan (cross-layer parameter sharing) -----------------------------
+    sharing_strategy: str = "none"
+    encoder_unique_layers: int | None = None
+    decoder_unique_layers: int | None = None
+
+    # --- seam 2: depth connection ------------------------------------------------------------
+    depth_connection: str = "residual"
+    dlstm_decoder_mode: str = "per_sublayer"
+    dlstm_gate_norm: str = "per_gate"
+    dlstm_activation: str = "relu"
+    dlstm_candidate: str = "linear"
+
+    # --- seam 3: encoder memory --------------------------------------------------------------
+    encoder_memory: str = "last"
+    fusion_dropout: float | None = None
+    fusion_embedding_layer_norm: bool | None = None
+
+    # --- seam 4: output head -----------------------------------------------------------------
+    output_head: str = "lm"
+    surface_fusion_mode: str = "hard"
+    surface_fusion_lambda: float | None = 0.8
+    surface_fusion_tau: float = 1.0
+    surface_fusion_heads: int = 1
+    surface_fusion_ffn: bool = True
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        self.validate_fields()
+        super().__post_init__(**kwargs)
+
+    def validate_fields(self) -> None:
+        """Check every field; raise ValueError naming the field and what is allowed."""
+        name = type(self).__name__
+        for field in SIZE_FIELDS:
+            check_positive_int(name, field, getattr(self, field))
+        for field in ("encoder_attention_heads", "decoder_attention_heads"):
+            if self.d_model % getattr(self, field):
+                raise ValueError(
+                    f"{name}.d_model = {self.d_model} must be divisible by {field} = {getattr(self, field)}; "
+                    f"allowed {field}: divisors of {self.d_model}."
+                )
+        for field in ("dropout", "attention_dropout", "activation_dropout"):
+            check_range(name, field, getattr(self, field), 0.0, 1.0, high_inclusive=False)
+        check_range(name, "label_smoothing", self.label_smoothing, 0.0, 1.0, high_inclusive=False)
+        check_range(name, "init_std", self.init_std, 0.0, None, low_inclusive=False)
+        check_range(name, "layer_norm_eps", self.layer_norm_eps, 0.0, None, low_inclusive=False)
+        check_choice(name, "activation_function", self.activation_function, sorted(ACT2FN.keys()))
+        check_choice(name, "position_embedding_type", self.position_embedding_type, POSITION_EMBEDDING_TYPES)
+        if self.position_embedding_type == "sinusoidal" and self.d_model % 2:
+            raise ValueError(f"{name}.d_model = {self.d_model} must be even for sinusoidal positions.")
+        for field, choices in SEAM_CHOICES.items():
+            check_choice(name, field, getattr(self, field), choices)
+        check_choice(name, "dlstm_decoder_mode", self.dlstm_decoder_mode, DLSTM_DECODER_MODES)
+        check_choice(name, "dlstm_gate_norm", self.dlstm_gate_norm, DLSTM_GATE_NORMS)
+        check_choice(name, "dlstm_activation", self.dlstm_activation, DLSTM_ACTIVATIONS)
+        check_choice(name, "dlstm_candidate", self.dlstm_candidate, DLSTM_CANDIDATES)
+        if self.depth_connection == "depthwise_lstm" and self.normalize_before:
+            # The LSTM cell normalises its own pre-activations; a pre-norm flag would silently do nothing.
+            raise ValueError(
+                f"{name}.normalize_before = True has no meaning with depth_connection='depthwise_lstm' "
+                "(the LSTM cell normalises its own pre-activations); allowed: False."
+            )
+        self._check_surface_fusion(name)
+        self._resolve_unique_layers(name)
+        self._resolve_fusion_fields(name)
+
+    def _resolve_fusion_fields(self, name: str) -> None:
+        """Fill in the layer-fusion defaults of the chosen memory; refuse them without fusion."""
+        if self.encoder_memory not in FUSION_DROPOUT_DEFAULTS:
+            for field in ("fusion_dropout", "fusion_embedding_layer_norm"):
+                if getattr(self, field) is not None:
+                    raise ValueError(
+                        f"{name}.{field} = {getattr(self, field)!r} has no effect with encoder_memory = "
+                        f"{self.encoder_memory!r}; allowed: None, or set encoder_memory to one of "
+                        f"{', '.join(map(repr, FUSION_DROPOUT_DEFAULTS))}."
+                    )
+            return
+        if self.fusion_dropout is None:
+            self.fusion_dropout = FUSION_DROPOUT_DEFAULTS[self.encoder_memory]
+        check_range(name, "fusion_dropout", self.fusion_dropout, 0.0, 1.0, high_inclusive=False)
+        if self.fusion_embedding_layer_norm is None:
+            self.fusion_embedding_layer_norm = self.encoder_memory == "transparent" or not self.normalize_before
+        if not isinstance(self.fusion_embedding_layer_norm, bool):
+            raise ValueError(
+                f"{name}.fusion_embedding_layer_norm = {self.fusion_embedding_layer_norm!r} is not supported; "
+                "allowed values: True, False, None."
+            )
+
+    def _check_surface_fusion(self, name: str) -> None:
+        """Check the SurfaceFusion head's fields (always, so a bad value never waits in a config)."""
+        check_choice(name, "surface_fusion_mode", self.surface_fusion_mode, SURFACE_FUSION_MODES)
+        lam = self.surface_fusion_lambda
+        if lam is not None and (
+            isinstance(lam, bool) or not isinstance(lam, (int, float)) or math.isnan(lam) or not 0.0 <= lam <= 1.0
+        ):
+            raise ValueError(
+                f"{name}.surface_fusion_lambda = {lam!r} is not supported; allowed: a number in [0, 1], "
+                "or None for a learned gate."
+            )
+        check_range(name, "surface_fusion_tau", self.surface_fusion_tau, 0.0, None, low_inclusive=False)
+        check_positive_int(name, "surface_fusion_heads", self.surface_fusion_heads)
+        if self.d_model % self.surface_fusion_heads:
+            raise ValueError(
+                f"{name}.surface_fusion_heads = {self.surface_fusion_heads} must divide d_model = {self.d_model}; "
+                f"allowed: divisors of {self.d_model}."
+            )
+        if not isinstance(self.surface_fusion_ffn, bool):
+            raise ValueError(
+                f"{name}.surface_fusion_ffn = {self.surface_fusion_ffn!r} is not supported; allowed: True, False."
+            )
+
+    def _resolve_unique_layers(self, name: str) -> None:
+        """Fill in and check the number of parameter blocks of each stack for the sharing strategy."""
+        for stack in ("encoder", "decoder"):
+            field = f"{stack}_unique_layers"
+            depth = getattr(self, f"{stack}_layers")
+            value = getattr(self, field)
+            if value is None:
+                if self.sharing_strategy == "none":
+                    value = depth
+                elif self.sharing_strategy == "recurrent":
+                    value = 1
+                else:
+                    raise ValueError(
+                        f"{name}.{field} must be set for sharing_strategy={self.sharing_strategy!r}; "
+                        f"allowed: an integer from 1 to {stack}_layers = {depth}."
+                    )
+            check_positive_int(name, field, value)
+            if value > depth:
+                raise ValueError(
+                    f"{name}.{field} = {value} exceeds the depth {stack}_layers = {depth}; allowed: 1 to {depth}."
+                )
+            if self.sharing_strategy == "none" and value != depth:
+                raise ValueError(
+                    f"{name}.{field} = {value} needs a sharing_strategy other than 'none' "
+                    f"(with 'none' it must equal {stack}_layers = {depth})."
+                )
+            if self.sharing_strategy == "recurrent" and value != 1:
+                raise ValueError(f"{name}.{field} = {value} contradicts sharing_strategy='recurrent'; allowed: 1.")
+            setattr(self, field, value)
+        # A schedule the layer counts do not admit is refused now, not at model build time.
+        for stack in ("encoder", "decoder"):
+            execution_plan(
+                self.sharing_strategy,
+                getattr(self, f"{stack}_layers"),
+                getattr(self, f"{stack}_unique_layers"),
+                field=f"{name}.{stack}_unique_layers",
+            )

@@ -1,0 +1,315 @@
+"""Depth-wise LSTM instead of residual connections (seam 2, ``depth_connection = "depthwise_lstm"``).
+
+Paper: Hongfei Xu, Yang Song, Qiuhui Liu, Josef van Genabith, Deyi Xiong, "Rewiring the
+Transformer with Depth-Wise LSTMs", arXiv 2007.06257 (LREC-COLING 2024). No official code was
+published; the authors' Neutron library has the matching cell.
+
+What changes. The layers of a stack become the time steps of an LSTM that runs across *depth*:
+its state (h, c) replaces the residual stream, and LayerNorm and the feed-forward network are
+absorbed into the LSTM cell, so a layer is "pure attention + one depth-wise LSTM step". With
+``a`` an attention sub-layer's output and (h, c) the state from below, one step is::
+
+    x = [a ; h_prev]
+    i, f, o = sigmoid(LN(W_g x + b_g))           # three gates
+    c_hat   = act(LN(W_c x + b_c))                # candidate: ReLU or GELU, the FFN's role
+    c = f * c_prev + i * c_hat
+    h = o * c                                     # no tanh on the cell output
+
+(``dlstm_candidate = "linear"``, METHODS.md). ``dlstm_candidate = "ffn"`` computes the candidate
+as Neutron's cell does, with a whole feed-forward network: ``c_hat = W_2 act(LN(W_1 x + b_1)) + b_2``
+(inner width ``encoder_ffn_dim`` / ``decoder_ffn_dim``); the gates are then the only blocks of the
+pre-activation LayerNorm.
+
+- Encoder layer: ``a = SelfAttn(h_prev)``, then one step.
+- Decoder layer (``dlstm_decoder_mode``):
+  ``"per_sublayer"``: ``a = SelfAttn(h_prev)``, a step; ``b = CrossAttn(h)``, another step.
+  ``"concat"``: ``a = SelfAttn(h_prev)``, ``b = CrossAttn(a)``, one step on ``x = [a ; b ; h_prev]``.
+- No residual addition and no LayerNorm outside the cell: every LayerNorm of a layer belongs to
+  its LSTM cell. The attention modules are the core's ``FusionAttention``, so
+  keys/values are cached per depth step exactly as in the residual model.
+
+Where it plugs in. :class:`DepthwiseLSTMConnection` is the stack-level connection object. A
+layer receives the *packed* tensor ``[h ; c]`` of shape ``(batch, len, 2 * d_model)`` as its first
+positional argument and returns the packed new state: one tensor rather than a tuple because
+reentrant gradient checkpointing only tracks tensors passed positionally (a tuple would silently
+cut the gradient of c). Between layers the connection keeps ``(h, c)`` apart and exposes ``h``, so
+``output_hidden_states`` and the encoder-memory seam (EncoderFusion's layer states) see
+d_model-wide states that the next step really consumes.
+
+Choices and defaults (the paper leaves these open; each is a config field):
+- Initial state: ``h_0 = c_0 = `` the embedding layer output (tokens + positions, after the
+  embedding LayerNorm and dropout), exactly what the residual stack starts from. Neutron's
+  encoder and decoder do the same (``cell = out``; a learned zero cell is commented out there).
+- ``dlstm_decoder_mode = "per_sublayer"`` by default: the paper's abstract wires the depth-wise
+  LSTM across "cascading Transformer layers *and sub-layers*", so each sub-layer gets its own
+  step. ``"concat"`` (one step per layer, cheaper: 3d->4d instead of two 2d->4d projections) is
+  offered because Neutron also has a dual-input cell for it. In ``"concat"`` the cross-attention
+  queries with the self-attention output, keeping the sub-layers cascaded (unconfirmed).
+- ``dlstm_gate_norm = "per_gate"`` by default, as METHODS.md writes the equations (one LN per
+  gate and one for the candidate, each over d). ``"joint"`` normalises the 4·d (3·d with the
+  ``"ffn"`` candidate) pre-activations together, as Neutron's ``LayerNorm((4, d))`` /
+  ``LayerNorm((3, d))`` do. Both keep a (blocks, d) scale and shift, so the checkpoint layout is
+  the same.
+- ``dlstm_candidate = "linear"`` by default, the single projection of METHODS.md. Caveat for deep
+  stacks: a ReLU candidate is non-negative, so the cell ``c`` sums non-negative vectors over depth
+  and drifts towards one shared direction. In a freshly initialised 24+24-layer model (d_model
+  64) the decoder outputs of different tokens have mean cosine similarity 0.97 (residual: 0.04;
+  GELU 0.67, ``"ffn"`` 0.65; ``benchmarks/results/dlstm_init_diagnostic.md``), and in
+  ``benchmarks/deep_convergence.py`` that model stayed at the unigram loss while the residual
+  one trained. The ``"ffn"`` candidate is signed (it ends in a linear projection); in the same
+  run it kept improving, though more slowly than the residual model.
+- ``dlstm_activation = "relu"`` by default, the activation of the Transformer-base FFN the
+  candidate replaces; ``"gelu"`` is the exact (erf) GELU.
+- Dropout (``config.dropout``) on each attention output before it enters the cell and on the
+  candidate ``c_hat``: the two places a residual layer drops its sub-layer outputs.
+- The depth-wise LSTM family config turns ``add_final_layer_norm`` on: ``h = o * c`` is not
+  normalised and the cell state grows with depth, and Neutron normalises the stack output too.
+
+Parameters. With the ``"linear"`` candidate an encoder layer has the residual layer's count (4d²
+attention + 8d² cell = 12d²); a decoder layer has 24d² (``"per_sublayer"``) or 20d²
+(``"concat"``) against the residual 16d². The ``"ffn"`` candidate puts a whole FFN (12d² with
+inner width 4d: 2d -> 4d -> d) in every cell while the gates shrink to 6d² (encoder layer: 22d²).
+
+Deviation from Neutron: its attention sub-layers keep a pre-norm residual around the attention
+(``ResSelfAttn``); the paper's "pure attention" description, followed here, has none. Config
+fields the connection does not use: ``activation_function``, and ``encoder_ffn_dim`` /
+``decoder_ffn_dim`` / ``activation_dropout`` unless the candidate is ``"ffn"``;
+``normalize_before=True`` is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .configuration_fusion_transformer import FusionTransformerConfig
+from .connections import ConnectionSpec
+from .layers import FusionAttention
+
+GATES = 3  # input, forget and output gate
+
+
+class GateLayerNorm(nn.LayerNorm):
+    """LayerNorm of the ``(..., num_blocks, d)`` LSTM pre-activations with a (num_blocks, d) scale
+    and shift.
+
+    Args:
+        num_blocks: 4 (three gates + the ``"linear"`` candidate) or 3 (the gates only).
+        d_model: Width d of each block.
+        joint: Normalise all num_blocks·d values together (Neutron) instead of each block over its d.
+        eps: LayerNorm epsilon.
+    """
+
+    def __init__(self, num_blocks: int, d_model: int, joint: bool, eps: float):
+        super().__init__((num_blocks, d_model), eps=eps)
+        self.joint = joint
+
+    def forward(self, pre_activations: torch.Tensor) -> torch.Tensor:
+        if self.joint:
+            return super().forward(pre_activations)
+        normed = nn.functional.layer_norm(pre_activations, pre_activations.shape[-1:], eps=self.eps)
+        return normed * self.weight + self.bias
+
+
+class DepthwiseLSTMCell(nn.Module):
+    """One depth-wise LSTM step: ``(inputs, h, c) -> (h', c')``.
+
+    Args:
+        config: The model config (``d_model``, ``dlstm_gate_norm``, ``dlstm_activation``,
+            ``dlstm_candidate``, ``dropout``, ``activation_dropout``, ``layer_norm_eps``).
+        ffn_dim: Inner width of the ``"ffn"`` candidate (the stack's ``*_ffn_dim``).
+        num_inputs: Number of d_model-wide sub-layer outputs concatenated before ``h`` (1, or 2
+            for the decoder's ``"concat"`` mode).
+    """
+
+    def __init__(self, config: FusionTransformerConfig, ffn_dim: int, num_inputs: int = 1):
+        super().__init__()
+        d_model, in_dim = config.d_model, (num_inputs + 1) * config.d_model
+        self.d_model = d_model
+        self.dropout = config.dropout
+        self.activation_dropout = config.activation_dropout
+        self.ffn_candidate = config.dlstm_candidate == "ffn"
+        self.num_blocks = GATES if self.ffn_candidate else GATES + 1
+        # One projection for the gates and the "linear" candidate: rows [i; f; o (; c_hat)], each d tall.
+        self.proj = nn.Linear(in_dim, self.num_blocks * d_model)
+        self.norm = GateLayerNorm(self.num_blocks, d_model, config.dlstm_gate_norm == "joint", config.layer_norm_eps)
+        self.activation = ACT2FN[config.dlstm_activation]
+        if self.ffn_candidate:
+            self.fc1 = nn.Linear(in_dim, ffn_dim)
+            self.ffn_layer_norm = nn.LayerNorm(ffn_dim, eps=config.layer_norm_eps)
+            self.fc2 = nn.Linear(ffn_dim, d_model)
+
+    def forward(
+        self, inputs: Sequence[torch.Tensor], h: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args:
+            inputs: sub-layer outputs, each (batch, len, d_model).
+            h, c: the state from below, each (batch, len, d_model).
+        Returns the new (h, c).
+        """
+        x = torch.cat([*inputs, h], dim=-1)  # (batch, len, (num_inputs + 1) * d_model)
+        pre = self.norm(self.proj(x).unflatten(-1, (self.num_blocks, self.d_model)))  # (batch, len, blocks, d)
+        input_gate, forget_gate, output_gate = torch.sigmoid(pre[..., :GATES, :]).unbind(-2)
+        if self.ffn_candidate:
+            inner = self.activation(self.ffn_layer_norm(self.fc1(x)))  # (batch, len, ffn_dim)
+            inner = nn.functional.dropout(inner, p=self.activation_dropout, training=self.training)
+            candidate = self.fc2(inner)
+        else:
+            candidate = self.activation(pre[..., GATES, :])
+        candidate = nn.functional.dropout(candidate, p=self.dropout, training=self.training)
+        c = forget_gate * c + input_gate * candidate
+        return output_gate * c, c
+
+
+def unpack_state(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(batch, len, 2 * d_model)`` packed ``[h ; c]`` -> ``h, c``, each (batch, len, d_model)."""
+    h, c = state.chunk(2, dim=-1)
+    return h, c
+
+
+def pack_state(h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``h, c`` (batch, len, d_model) -> packed ``[h ; c]`` (batch, len, 2 * d_model)."""
+    return torch.cat([h, c], dim=-1)
+
+
+class DepthwiseLSTMEncoderLayer(GradientCheckpointingLayer):
+    """Pure self-attention over ``h``, then one depth-wise LSTM step."""
+
+    def __init__(self, config: FusionTransformerConfig):
+        super().__init__()
+        self.dropout = config.dropout
+        self.self_attn = FusionAttention(config, config.encoder_attention_heads)
+        self.lstm = DepthwiseLSTMCell(config, config.encoder_ffn_dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+        """Args: hidden_states: packed ``[h ; c]`` (batch, src_len, 2 * d_model); attention_mask
+        boolean (batch, 1, 1, src_len). Returns the packed new state and the attention weights."""
+        h, c = unpack_state(hidden_states)
+        attn_out, attn_weights = self.self_attn(h, attention_mask=attention_mask, output_attentions=output_attentions)
+        attn_out = nn.functional.dropout(attn_out, p=self.dropout, training=self.training)
+        h, c = self.lstm([attn_out], h, c)
+        return pack_state(h, c), (attn_weights,)
+
+
+class DepthwiseLSTMDecoderLayer(GradientCheckpointingLayer):
+    """Causal self-attention and cross-attention joined by depth-wise LSTM steps: one after each
+    sub-layer (``"per_sublayer"``) or one on both outputs concatenated (``"concat"``)."""
+
+    def __init__(self, config: FusionTransformerConfig):
+        super().__init__()
+        self.dropout = config.dropout
+        self.per_sublayer = config.dlstm_decoder_mode == "per_sublayer"
+        self.self_attn = FusionAttention(config, config.decoder_attention_heads, is_causal=True)
+        self.encoder_attn = FusionAttention(config, config.decoder_attention_heads, is_cross_attention=True)
+        if self.per_sublayer:
+            self.self_attn_lstm = DepthwiseLSTMCell(config, config.decoder_ffn_dim)
+            self.encoder_attn_lstm = DepthwiseLSTMCell(config, config.decoder_ffn_dim)
+        else:
+            self.lstm = DepthwiseLSTMCell(config, config.decoder_ffn_dim, num_inputs=2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        cache_idx: int = 0,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+        """Args:
+            hidden_states: packed ``[h ; c]`` (batch, tgt_len, 2 * d_model).
+            attention_mask: boolean causal mask (batch|1, 1, tgt_len, past+tgt_len) or ``None``.
+            encoder_hidden_states: this step's memory (batch, src_len, d_model); may be ``None``
+                once the cross-attention cache slot ``cache_idx`` is filled.
+            encoder_attention_mask: boolean (batch, 1, 1, src_len) or ``None``.
+            past_key_values: an ``EncoderDecoderCache``; this call uses slot ``cache_idx``.
+        Returns the packed new state and (self-attention weights, cross-attention weights).
+        """
+        h, c = unpack_state(hidden_states)
+        self_out, self_weights = self.self_attn(
+            h,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            cache_idx=cache_idx,
+            output_attentions=output_attentions,
+        )
+        self_out = nn.functional.dropout(self_out, p=self.dropout, training=self.training)
+        if self.per_sublayer:
+            h, c = self.self_attn_lstm([self_out], h, c)
+        if encoder_hidden_states is None:  # a decoder used on its own: no cross-attention step (BART)
+            if not self.per_sublayer:
+                h, c = self.lstm([self_out, torch.zeros_like(self_out)], h, c)
+            return pack_state(h, c), (self_weights, None)
+        cross_out, cross_weights = self.encoder_attn(
+            h if self.per_sublayer else self_out,
+            key_value_states=encoder_hidden_states,
+            attention_mask=encoder_attention_mask,
+            past_key_values=past_key_values,
+            cache_idx=cache_idx,
+            output_attentions=output_attentions,
+        )
+        cross_out = nn.functional.dropout(cross_out, p=self.dropout, training=self.training)
+        if self.per_sublayer:
+            h, c = self.encoder_attn_lstm([cross_out], h, c)
+        else:
+            h, c = self.lstm([self_out, cross_out], h, c)
+        return pack_state(h, c), (self_weights, cross_weights)
+
+
+class DepthwiseLSTMConnection(nn.Module):
+    """Stack-level side of the depth-wise LSTM: the running state is the pair ``(h, c)``.
+
+    The layers do the LSTM steps on the packed ``[h ; c]`` (one tensor, for reentrant gradient
+    checkpointing); the connection starts the state from the embeddings (``h_0 = c_0 =
+    embeddings``), packs it for each layer and unpacks what comes back. It keeps ``h`` as its own
+    tensor so that the ``h`` a step exposes (``output_hidden_states``, the layer states EncoderFusion
+    reads) is the very tensor the next step consumes: gradients reach it, and ``retain_grad`` on a
+    returned hidden state sees them.
+
+    Args:
+        config: The model config.
+        num_steps: Depth of the stack this connection runs.
+    """
+
+    def __init__(self, config: FusionTransformerConfig, num_steps: int):
+        super().__init__()
+
+    def start(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return embeddings, embeddings
+
+    def layer_input(self, state: tuple[torch.Tensor, torch.Tensor], step_idx: int) -> torch.Tensor:
+        return pack_state(*state)
+
+    def update(
+        self, state: tuple[torch.Tensor, torch.Tensor], layer_output: torch.Tensor, step_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return unpack_state(layer_output)
+
+    def hidden(self, state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return state[0]
+
+    def finish(self, state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return state[0]
+
+
+DEPTHWISE_LSTM = ConnectionSpec(DepthwiseLSTMConnection, DepthwiseLSTMEncoderLayer, DepthwiseLSTMDecoderLayer)
+
+__all__ = [
+    "DEPTHWISE_LSTM",
+    "DepthwiseLSTMCell",
+    "DepthwiseLSTMConnection",
+    "DepthwiseLSTMDecoderLayer",
+    "DepthwiseLSTMEncoderLayer",
+    "GateLayerNorm",
+]
