@@ -13,6 +13,7 @@ import transformers
 from huggingface_hub import ModelCard
 
 import hf_fusion
+from hf_fusion.compat import TESTED_TRANSFORMERS_RELEASES
 from tests.cli_helpers import RecordingHub, publish_to_hf_cache
 from tests.helpers import TINY, random_batch, run_in_clean_process
 from training.cli import main
@@ -93,6 +94,9 @@ def test_every_registered_family_ships_a_card_template(family: str) -> None:
     config_class = hf_fusion.MODEL_FAMILIES[family][0]
     card = render_model_card(_facts(config_class(**TINY)))
     assert "## The variant" in card.text and "arxiv.org" in card.text.lower()
+    # The card states the transformers releases the saved code was tested on, and the way out.
+    assert f"tested with transformers {', '.join(TESTED_TRANSFORMERS_RELEASES)}" in " ".join(card.text.split())
+    assert "hf-fusion refresh-code" in card.text
 
 
 @pytest.mark.parametrize("template", sorted(p.stem for p in TEMPLATE_DIR.glob("*.md") if p.name != BASE_TEMPLATE))

@@ -20,6 +20,7 @@ from typing import Any
 
 import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from hf_fusion.compat import TESTED_TRANSFORMERS_RELEASES
 from model_cards import TEMPLATE_DIR
 
 BASE_TEMPLATE = "base.md"
@@ -171,6 +172,7 @@ def render_model_card(facts: CardFacts) -> ModelCard:
         family_description=_family_description(config),
         stacks=_stack_summary(config),
         versions=framework_versions(),
+        tested_transformers=TESTED_TRANSFORMERS_RELEASES,
         repo_id=facts.repo_id or REPO_PLACEHOLDER + data.model_name,
         revision=facts.revision or REVISION_PLACEHOLDER,
         model_name=data.model_name,
