@@ -39,8 +39,14 @@ class ScaledWordEmbedding(nn.Embedding):
         return super().forward(input_ids) * self.embed_scale
 
 
-def check_sequence_length(seq_len: int, past_len: int, max_positions: int, side: str) -> None:
-    """Refuse a sequence longer than the position table instead of failing inside an index op."""
+def check_sequence_length(seq_len: int, past_len: int | torch.Tensor, max_positions: int, side: str) -> None:
+    """Refuse a sequence longer than the position table instead of failing inside an index op.
+
+    Skipped inside a compiled graph, where ``past_len`` is a tensor (static cache) and a Python
+    branch on it would break the graph; the eager first step of ``generate`` has checked already.
+    """
+    if is_torchdynamo_compiling():
+        return
     if past_len + seq_len > max_positions:
         raise ValueError(
             f"The {side} sequence has {past_len + seq_len} positions but the model supports at most "
@@ -62,7 +68,7 @@ class LearnedPositionalEmbedding(nn.Embedding):
     def forward(self, seq_len: int, past_len: int = 0, side: str = "input") -> torch.Tensor:
         """Return the ``(seq_len, dim)`` position embeddings for positions ``past_len ...``."""
         check_sequence_length(seq_len, past_len, self.max_positions, side)
-        positions = torch.arange(past_len, past_len + seq_len, device=self.weight.device)
+        positions = torch.arange(seq_len, device=self.weight.device) + past_len  # static shape under compile
         return super().forward(positions + self.offset)
 
 
@@ -90,7 +96,8 @@ class SinusoidalPositionalEmbedding(nn.Module):
 
     def forward(self, seq_len: int, past_len: int = 0, side: str = "input") -> torch.Tensor:
         check_sequence_length(seq_len, past_len, self.max_positions, side)
-        return self.weight[past_len : past_len + seq_len]
+        positions = torch.arange(seq_len, device=self.weight.device) + past_len  # static shape under compile
+        return self.weight.index_select(0, positions)
 
 
 def build_position_embedding(config: FusionTransformerConfig) -> nn.Module:
