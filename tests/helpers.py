@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from hf_fusion.compat import output_cache
+from hf_fusion.compat import cache_output, output_cache
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,7 +59,7 @@ def assert_cached_decoding_matches(model: torch.nn.Module, batch: dict[str, torc
             encoder_outputs=encoder_outputs,
             attention_mask=batch["attention_mask"],
             decoder_input_ids=batch["decoder_input_ids"][:, position : position + 1],
-            past_key_values=past,
+            **cache_output(past),
             use_cache=True,
         )
         past = output_cache(out)

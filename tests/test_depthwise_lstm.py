@@ -275,13 +275,12 @@ def test_recurrent_sharing_runs_one_block_at_every_step(mode: str) -> None:
     assert_cached_decoding_matches(shared, batch)
 
 
-@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
 @pytest.mark.parametrize("use_reentrant", (True, False))
 def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant: bool) -> None:
     model = DepthwiseLSTMForConditionalGeneration(tiny_config()).train()
     randomize_(model)
     checkpointed = copy.deepcopy(model)
-    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
     assert all(layer.gradient_checkpointing for layer in checkpointed.model.decoder.layers)
     batch = random_batch()
     for m in (model, checkpointed):

@@ -19,6 +19,7 @@ from hf_fusion import (
     RecurrentStackingModel,
     transfer_from_pretrained,
 )
+from hf_fusion.compat import output_cache
 from hf_fusion.sharing import execution_plan
 from hf_fusion.transfer import main as transfer_main
 from tests.helpers import TINY, assert_cached_decoding_matches, assert_roundtrip_in_clean_process, random_batch
@@ -260,7 +261,7 @@ def test_cache_has_one_slot_per_step(tiny: dict) -> None:
     model = RecurrentStackingForConditionalGeneration(shared_config(tiny, "recurrent", None, depth=3)).eval()
     batch = random_batch()
     with torch.no_grad():
-        cache = model(**batch, use_cache=True).past_key_values
+        cache = output_cache(model(**batch, use_cache=True))
     self_cache = cache.self_attention_cache
     assert len(self_cache.layers) == 3
     # Same block, different inputs per step: three different key tensors, none aliased.

@@ -17,7 +17,7 @@ from hf_fusion import (
     SurfaceFusionForConditionalGeneration,
     convert_from_pretrained,
 )
-from hf_fusion.compat import output_cache
+from hf_fusion.compat import cache_output, output_cache
 from hf_fusion.heads import token_cross_entropy
 from tests.helpers import TINY, assert_cached_decoding_matches, assert_roundtrip_in_clean_process, random_batch
 
@@ -313,7 +313,7 @@ def test_cache_keeps_the_standard_layout_and_the_head_needs_the_source_embedding
             encoder_outputs=encoder_outputs,
             attention_mask=batch["attention_mask"],
             decoder_input_ids=batch["decoder_input_ids"][:, 1:2],
-            past_key_values=cache,
+            **cache_output(cache),
             use_cache=True,
         )
         full = model(**{**batch, "decoder_input_ids": batch["decoder_input_ids"][:, :2]}).logits

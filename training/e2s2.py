@@ -523,9 +523,10 @@ class E2S2ForPreTraining(nn.Module):
             sentence_embeddings=embeddings,
         )
 
-    def gradient_checkpointing_enable(self, **kwargs) -> None:
-        """Checkpoint the backbone's layers (the heads are a single Linear)."""
-        self.backbone.gradient_checkpointing_enable(**kwargs)
+    def activation_checkpointing_enable(self, **kwargs) -> None:
+        """Checkpoint the backbone's layers (the heads are a single Linear). The name the Trainer
+        calls from transformers 5.23 on (``gradient_checkpointing_enable`` is deprecated)."""
+        self.backbone.activation_checkpointing_enable(**kwargs)
 
     # --- saving and loading ----------------------------------------------------------------
 
