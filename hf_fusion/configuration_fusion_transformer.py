@@ -26,16 +26,9 @@ from typing import Any
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
+from .seams import SEAM_CHOICES
 from .sharing import execution_plan
 
-# The allowed values of every seam key. The modeling seam tables must implement exactly these
-# (a test checks it), so adding a variant means: add its key here, its module to the table.
-SEAM_CHOICES: dict[str, tuple[str, ...]] = {
-    "sharing_strategy": ("none", "recurrent", "sequence", "cycle", "cycle_rev"),
-    "depth_connection": ("residual", "dlcl", "depthwise_lstm"),
-    "encoder_memory": ("last", "transparent", "fine_grained"),
-    "output_head": ("lm", "surface_fusion"),
-}
 POSITION_EMBEDDING_TYPES = ("learned", "sinusoidal")
 # The sizes of the network: positive integers, named as in BART's config.
 SIZE_FIELDS = (
@@ -233,6 +226,24 @@ class FusionTransformerConfig(PreTrainedConfig):
     surface_fusion_heads: int = 1
     surface_fusion_ffn: bool = True
 
+    @property
+    def encoder_plan(self) -> tuple[int, ...]:
+        """The encoder's execution plan, the parameter block each encoder step runs (seam 1).
+        A property, not a field, so it never goes stale or into config.json; ``execution_plan``
+        caches it."""
+        return self._plan("encoder")
+
+    @property
+    def decoder_plan(self) -> tuple[int, ...]:
+        """The decoder's execution plan, the parameter block each decoder step runs (seam 1)."""
+        return self._plan("decoder")
+
+    def _plan(self, stack: str) -> tuple[int, ...]:
+        field = f"{stack}_unique_layers"
+        return execution_plan(
+            self.sharing_strategy, getattr(self, f"{stack}_layers"), getattr(self, field), field=f"{type(self).__name__}.{field}"
+        )
+
     def __post_init__(self, **kwargs: Any) -> None:
         self.validate_fields()
         super().__post_init__(**kwargs)
@@ -347,11 +358,7 @@ class FusionTransformerConfig(PreTrainedConfig):
             if self.sharing_strategy == "recurrent" and value != 1:
                 raise ValueError(f"{name}.{field} = {value} contradicts sharing_strategy='recurrent'; allowed: 1.")
             setattr(self, field, value)
-        # A schedule the layer counts do not admit is refused now, not at model build time.
+        # A schedule the layer counts do not admit is refused now, not at model build time; the
+        # plans are computed here once (execution_plan is cached) and the stacks read them.
         for stack in ("encoder", "decoder"):
-            execution_plan(
-                self.sharing_strategy,
-                getattr(self, f"{stack}_layers"),
-                getattr(self, f"{stack}_unique_layers"),
-                field=f"{name}.{stack}_unique_layers",
-            )
+            self._plan(stack)

@@ -80,6 +80,7 @@ fields the connection does not use: ``activation_function``, and ``encoder_ffn_d
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -87,9 +88,11 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .configuration_fusion_transformer import FusionTransformerConfig
-from .connections import ConnectionSpec
 from .layers import FusionAttention
+
+if TYPE_CHECKING:
+    from .configuration_fusion_transformer import FusionTransformerConfig
+
 
 GATES = 3  # input, forget and output gate
 
@@ -303,10 +306,7 @@ class DepthwiseLSTMConnection(nn.Module):
         return state[0]
 
 
-DEPTHWISE_LSTM = ConnectionSpec(DepthwiseLSTMConnection, DepthwiseLSTMEncoderLayer, DepthwiseLSTMDecoderLayer)
-
 __all__ = [
-    "DEPTHWISE_LSTM",
     "DepthwiseLSTMCell",
     "DepthwiseLSTMConnection",
     "DepthwiseLSTMDecoderLayer",

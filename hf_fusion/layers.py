@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, EncoderDecoderCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import is_torchdynamo_compiling
 
-from .configuration_fusion_transformer import FusionTransformerConfig
+if TYPE_CHECKING:
+    from .configuration_fusion_transformer import FusionTransformerConfig
 
 
 class ScaledWordEmbedding(nn.Embedding):
@@ -82,6 +85,10 @@ class SinusoidalPositionalEmbedding(nn.Module):
         self.max_positions = max_positions
         self.embedding_dim = embedding_dim
         self.register_buffer("weight", torch.empty(max_positions, embedding_dim), persistent=False)
+
+    def init_own_weights(self) -> None:
+        """Fill the table (``_init_weights`` calls this; it is never loaded from a checkpoint)."""
+        init.copy_(self.weight, self.table())
 
     def table(self) -> torch.Tensor:
         """The ``(max_positions, dim)`` table, computed in float64 then cast, as Marian does."""

@@ -1,14 +1,15 @@
 """The hf_fusion seq2seq Transformer: one readable core with five seams.
 
-Read top to bottom: seam tables, outputs, pretrained base, encoder, decoder, model, LM model.
-The vanilla configuration is BART / mBART / Marian exactly (same math, same checkpoint keys). A
-model family changes the core only through a seam, chosen by a config key:
+Read top to bottom: outputs, pretrained base, encoder, decoder, model, LM model. The vanilla
+configuration is BART / mBART / Marian exactly (same math, same checkpoint keys). A model family
+changes the core only through a seam, chosen by a config key and looked up in that seam's table
+(``seams.py``, which also writes each seam's interface down):
 
-    1. execution plan     ``sharing.execution_plan``: depth step -> parameter block
+    1. execution plan     ``config.encoder_plan`` / ``decoder_plan``: depth step -> parameter block
     2. depth connection   ``DEPTH_CONNECTIONS``: residual stream (and the layers that fit it)
     3. encoder memory     ``ENCODER_MEMORIES``: what each decoder step's cross-attention reads
     4. output head        ``OUTPUT_HEADS``: top decoder state -> logits and loss
-    5. auxiliary losses   ``loss_terms`` in the output, logged beside the loss; E2S2 wraps the model
+    5. loss terms         ``loss_terms`` in the output, logged beside the loss; E2S2 wraps the model
 
 Structure is decided in ``__init__`` from the config; ``forward`` only runs the plan. Caches are
 ``EncoderDecoderCache`` with one slot per depth *step* (never per parameter block).
@@ -34,36 +35,10 @@ from transformers import initialization as init
 from transformers.utils import can_return_tuple
 
 from .compat import cache_output, check_forward_kwargs, output_cache, resolve_cache
-from .configuration_fusion_transformer import SEAM_CHOICES, FusionTransformerConfig
-from .connections import DLCL, RESIDUAL, ConnectionSpec, DLCLConnection
-from .depthwise_lstm import DEPTHWISE_LSTM
-from .heads import HeadContext, LMHead
-from .layers import (
-    ScaledWordEmbedding,
-    SinusoidalPositionalEmbedding,
-    build_position_embedding,
-    causal_mask,
-    embedding_scale,
-    padding_mask,
-)
-from .memory import FineGrainedLayerAttentionMemory, LastLayerMemory, TransparentAttentionMemory
-from .sharing import execution_plan
-from .surface_fusion import SurfaceFusionHead
-
-# --- seam tables: config key -> implementation (keys must equal SEAM_CHOICES) ------------------
-DEPTH_CONNECTIONS: dict[str, ConnectionSpec] = {"residual": RESIDUAL, "dlcl": DLCL, "depthwise_lstm": DEPTHWISE_LSTM}
-ENCODER_MEMORIES: dict[str, type[nn.Module]] = {
-    "last": LastLayerMemory,
-    "transparent": TransparentAttentionMemory,
-    "fine_grained": FineGrainedLayerAttentionMemory,
-}
-OUTPUT_HEADS: dict[str, type[nn.Module]] = {"lm": LMHead, "surface_fusion": SurfaceFusionHead}
-SEAM_TABLES = {
-    "depth_connection": DEPTH_CONNECTIONS,
-    "encoder_memory": ENCODER_MEMORIES,
-    "output_head": OUTPUT_HEADS,
-}
-assert all(set(SEAM_TABLES[key]) == set(SEAM_CHOICES[key]) for key in SEAM_TABLES), "seam tables out of sync"
+from .configuration_fusion_transformer import FusionTransformerConfig
+from .heads import HeadContext
+from .layers import ScaledWordEmbedding, build_position_embedding, causal_mask, embedding_scale, padding_mask
+from .seams import DEPTH_CONNECTIONS, ENCODER_MEMORIES, OUTPUT_HEADS, OwnInitialisation
 
 
 def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
@@ -136,13 +111,11 @@ class FusionTransformerPreTrainedModel(PreTrainedModel):
             ) from error
 
     def _init_weights(self, module: nn.Module) -> None:
+        """HF's initialisation, then each module's own (``seams.OwnInitialisation``: the paper
+        initialisations of layer-mixing weights, derived tables, the zero logits bias)."""
         super()._init_weights(module)
-        if isinstance(module, SinusoidalPositionalEmbedding):
-            init.copy_(module.weight, module.table())
-        if isinstance(module, FusionTransformerForConditionalGeneration):
-            init.zeros_(module.final_logits_bias)
-        if isinstance(module, (TransparentAttentionMemory, FineGrainedLayerAttentionMemory, DLCLConnection)):
-            module.reset_parameters()  # the layer-mixing weights' paper initialisations
+        if isinstance(module, OwnInitialisation):
+            module.init_own_weights()
 
 
 def build_token_embedding(config: FusionTransformerConfig) -> ScaledWordEmbedding:
@@ -169,7 +142,7 @@ class FusionTransformerEncoder(nn.Module):
         self.embed_tokens = build_token_embedding(config)
         self.embed_positions = build_position_embedding(config)
         self.layernorm_embedding = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.layernorm_embedding else None
-        self.plan = execution_plan(config.sharing_strategy, config.encoder_layers, config.encoder_unique_layers)
+        self.plan = config.encoder_plan
         self.layers = nn.ModuleList([spec.encoder_layer(config) for _ in range(config.encoder_unique_layers)])
         self.connection = spec.connection(config, config.encoder_layers)
         self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.add_final_layer_norm else None
@@ -246,7 +219,7 @@ class FusionTransformerDecoder(nn.Module):
         self.embed_tokens = build_token_embedding(config)
         self.embed_positions = build_position_embedding(config)
         self.layernorm_embedding = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.layernorm_embedding else None
-        self.plan = execution_plan(config.sharing_strategy, config.decoder_layers, config.decoder_unique_layers)
+        self.plan = config.decoder_plan
         self.layers = nn.ModuleList([spec.decoder_layer(config) for _ in range(config.decoder_unique_layers)])
         self.connection = spec.connection(config, config.decoder_layers)
         self.memory = memory
@@ -488,6 +461,10 @@ class FusionTransformerForConditionalGeneration(FusionTransformerPreTrainedModel
 
     def get_decoder(self) -> FusionTransformerDecoder:
         return self.model.decoder
+
+    def init_own_weights(self) -> None:
+        """``final_logits_bias`` starts at zero (BART's convention)."""
+        init.zeros_(self.final_logits_bias)
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head

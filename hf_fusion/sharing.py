@@ -11,18 +11,63 @@ A stack of N steps backed by M <= N parameter blocks (0-based step i):
 Only the plan changes with sharing: the stack holds M blocks and loops over the N steps. Key/value
 cache slots and ``layer_idx`` follow the *step*, never the block, so two steps that share weights
 never share a cache slot.
+
+``EXECUTION_PLANS`` is the seam's table (config key ``sharing_strategy`` -> plan function); the
+config's allowed values are its keys. A plan function maps (N, M) to the block of every step and
+may refuse an (N, M) it cannot schedule; :func:`execution_plan` adds the checks every plan shares.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+
+ExecutionPlan = Callable[[int, int], tuple[int, ...]]
 
 
+def _plan_none(num_steps: int, num_blocks: int) -> tuple[int, ...]:
+    if num_blocks != num_steps:
+        raise ValueError(f"must equal the depth {num_steps} without sharing")
+    return tuple(range(num_steps))
+
+
+def _plan_recurrent(num_steps: int, num_blocks: int) -> tuple[int, ...]:
+    if num_blocks != 1:
+        raise ValueError("must be 1 for recurrent stacking")
+    return (0,) * num_steps
+
+
+def _plan_sequence(num_steps: int, num_blocks: int) -> tuple[int, ...]:
+    run_length = math.ceil(num_steps / num_blocks)
+    return tuple(step_idx // run_length for step_idx in range(num_steps))
+
+
+def _plan_cycle(num_steps: int, num_blocks: int) -> tuple[int, ...]:
+    return tuple(step_idx % num_blocks for step_idx in range(num_steps))
+
+
+def _plan_cycle_rev(num_steps: int, num_blocks: int) -> tuple[int, ...]:
+    head = [step_idx % num_blocks for step_idx in range(num_steps - num_blocks)]
+    return tuple(head + list(range(num_blocks - 1, -1, -1)))
+
+
+# The seam's table: ``sharing_strategy`` -> plan function (N steps, M blocks) -> block per step.
+EXECUTION_PLANS: dict[str, ExecutionPlan] = {
+    "none": _plan_none,
+    "recurrent": _plan_recurrent,
+    "sequence": _plan_sequence,
+    "cycle": _plan_cycle,
+    "cycle_rev": _plan_cycle_rev,
+}
+
+
+@functools.lru_cache(maxsize=None)
 def execution_plan(strategy: str, num_steps: int, num_blocks: int, field: str = "unique_layers") -> tuple[int, ...]:
-    """Return the block index run at each step.
+    """Return the block index run at each step (a pure function, computed once per arguments).
 
     Args:
-        strategy: One of ``none``, ``recurrent``, ``sequence``, ``cycle``, ``cycle_rev``.
+        strategy: A key of :data:`EXECUTION_PLANS`.
         num_steps: Depth N of the stack.
         num_blocks: Number M of parameter blocks.
         field: Config field named in error messages.
@@ -31,33 +76,20 @@ def execution_plan(strategy: str, num_steps: int, num_blocks: int, field: str = 
         A tuple of length ``num_steps`` with values in ``range(num_blocks)``.
 
     Raises:
-        ValueError: if the strategy is unknown, or the plan would leave a block unused (for
-            example ``sequence`` with N=6, M=4 only ever reaches blocks 0..2), which would
-            silently train fewer parameters than the config promises.
+        ValueError: if the strategy is unknown, the plan refuses (N, M), or the plan would leave a
+            block unused (for example ``sequence`` with N=6, M=4 only ever reaches blocks 0..2),
+            which would silently train fewer parameters than the config promises.
     """
+    if strategy not in EXECUTION_PLANS:
+        raise ValueError(
+            f"sharing_strategy = {strategy!r} is not supported; allowed values: {', '.join(map(repr, EXECUTION_PLANS))}."
+        )
     if not 1 <= num_blocks <= num_steps:
         raise ValueError(f"{field} = {num_blocks} must be between 1 and the depth {num_steps}.")
-    if strategy == "none":
-        if num_blocks != num_steps:
-            raise ValueError(f"{field} = {num_blocks} must equal the depth {num_steps} without sharing.")
-        plan = tuple(range(num_steps))
-    elif strategy == "recurrent":
-        if num_blocks != 1:
-            raise ValueError(f"{field} = {num_blocks} must be 1 for recurrent stacking.")
-        plan = (0,) * num_steps
-    elif strategy == "sequence":
-        run_length = math.ceil(num_steps / num_blocks)
-        plan = tuple(step_idx // run_length for step_idx in range(num_steps))
-    elif strategy == "cycle":
-        plan = tuple(step_idx % num_blocks for step_idx in range(num_steps))
-    elif strategy == "cycle_rev":
-        head = [step_idx % num_blocks for step_idx in range(num_steps - num_blocks)]
-        plan = tuple(head + list(range(num_blocks - 1, -1, -1)))
-    else:
-        raise ValueError(
-            f"sharing_strategy = {strategy!r} is not supported; allowed values: "
-            "'none', 'recurrent', 'sequence', 'cycle', 'cycle_rev'."
-        )
+    try:
+        plan = EXECUTION_PLANS[strategy](num_steps, num_blocks)
+    except ValueError as error:
+        raise ValueError(f"{field} = {num_blocks} {error} (sharing_strategy = {strategy!r}).") from None
     unused = sorted(set(range(num_blocks)) - set(plan))
     if unused:
         raise ValueError(

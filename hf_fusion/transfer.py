@@ -36,10 +36,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from .configuration_fusion_transformer import SEAM_CHOICES, FusionTransformerConfig
-from .families import MODEL_FAMILIES
+from .configuration_fusion_transformer import FusionTransformerConfig
 from .convert import ARCHITECTURES, _load_source, convert_from_pretrained, parse_overrides
-from .sharing import execution_plan
+from .families import MODEL_FAMILIES
+from .seams import SEAM_CHOICES
 
 logger = logging.getLogger(__name__)
 
@@ -190,13 +190,8 @@ def transfer_from_pretrained(
     teacher_blocks: dict[str, tuple[int, ...]] = {}
     for stack in STACKS:
         teacher_depth = getattr(teacher_config, f"{stack}_layers")
-        teacher_blocks[stack] = execution_plan(
-            teacher_config.sharing_strategy, teacher_depth, getattr(teacher_config, f"{stack}_unique_layers")
-        )
-        student_plan = execution_plan(
-            config.sharing_strategy, getattr(config, f"{stack}_layers"), getattr(config, f"{stack}_unique_layers")
-        )
-        sources[stack] = block_sources(student_plan, teacher_depth, per_stack[stack], stack)
+        teacher_blocks[stack] = getattr(teacher_config, f"{stack}_plan")
+        sources[stack] = block_sources(getattr(config, f"{stack}_plan"), teacher_depth, per_stack[stack], stack)
         logger.info("Student %s blocks <- teacher layers: %s", stack, sources[stack])
 
     new_state = {}

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
 import hf_fusion
 from hf_fusion import FusionTransformerConfig, FusionTransformerForConditionalGeneration
-from hf_fusion.configuration_fusion_transformer import SEAM_CHOICES
-from hf_fusion.modeling_fusion_transformer import SEAM_TABLES
+from hf_fusion.seams import SEAM_CHOICES, SEAM_TABLES, ConnectionSpec, DepthConnection, EncoderMemory, OutputHead
 from hf_fusion.sharing import execution_plan
 from tests.helpers import (
     assert_cached_decoding_matches,
@@ -65,9 +66,43 @@ def test_schedule_the_layer_counts_do_not_admit_is_refused(tiny):
         )
 
 
-def test_seam_tables_implement_exactly_the_config_choices():
+def test_config_choices_are_the_seam_tables_keys(tiny):
     for key, table in SEAM_TABLES.items():
-        assert set(table) == set(SEAM_CHOICES[key])
+        assert SEAM_CHOICES[key] == tuple(table)
+        with pytest.raises(ValueError, match=f"{key} = 'nope' is not supported; allowed values: "
+                           + ", ".join(repr(choice) for choice in table)):
+            FusionTransformerConfig(**{**tiny, key: "nope"})
+
+
+def _signature(function) -> list[str]:
+    return [name for name in inspect.signature(function).parameters if name != "self"]
+
+
+@pytest.mark.parametrize("key, name", [(key, name) for key, table in SEAM_TABLES.items() for name in table])
+def test_every_seam_table_entry_satisfies_its_interface(tiny, key: str, name: str):
+    """Each entry is built from a config that selects it and checked against the seam's
+    Protocol: the methods exist and take the interface's arguments, by name and in order."""
+    overrides = {key: name}
+    if key == "sharing_strategy" and name not in ("none", "recurrent"):  # these need the block counts
+        overrides.update(encoder_unique_layers=1, decoder_unique_layers=1)
+    config = FusionTransformerConfig(**{**tiny, **overrides})
+    entry = SEAM_TABLES[key][name]
+    if key == "sharing_strategy":
+        plan = entry(config.encoder_layers, config.encoder_unique_layers)
+        assert plan == config.encoder_plan and all(0 <= block < config.encoder_unique_layers for block in plan)
+        return
+    if key == "depth_connection":
+        assert isinstance(entry, ConnectionSpec)
+        connection = entry.connection(config, config.encoder_layers)
+        assert isinstance(connection, DepthConnection)
+        for method in ("start", "layer_input", "update", "hidden", "finish"):
+            assert _signature(getattr(connection, method)) == _signature(getattr(DepthConnection, method)), method
+        assert isinstance(entry.encoder_layer(config), nn.Module) and isinstance(entry.decoder_layer(config), nn.Module)
+        return
+    protocol = {"encoder_memory": EncoderMemory, "output_head": OutputHead}[key]
+    implementation = entry(config)
+    assert isinstance(implementation, protocol)
+    assert _signature(implementation.forward) == _signature(protocol.forward)
 
 
 @pytest.mark.parametrize(
