@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from safetensors import SafetensorError
 from torch import nn
+from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import (
@@ -31,7 +32,6 @@ from transformers.modeling_outputs import (
     Seq2SeqModelOutput,
 )
 from transformers.modeling_utils import PreTrainedModel
-from transformers import initialization as init
 from transformers.utils import can_return_tuple
 
 from .compat import cache_output, check_forward_kwargs, output_cache, resolve_cache

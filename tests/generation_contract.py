@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import transformers

@@ -8,7 +8,6 @@ import torch
 from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
 import hf_fusion  # noqa: F401  (registers the families with the Auto classes)
-
 from tests.helpers import TINY, assert_cached_decoding_matches, assert_roundtrip_in_clean_process, random_batch
 
 # (model_type, fields): every seam exercised at least once beside another seam's variant.

@@ -13,8 +13,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from hf_fusion import EncoderFusionConfig, EncoderFusionForConditionalGeneration, FusionTransformerConfig
-from hf_fusion import FusionTransformerForConditionalGeneration, convert_from_pretrained
+from hf_fusion import (
+    EncoderFusionConfig,
+    EncoderFusionForConditionalGeneration,
+    FusionTransformerConfig,
+    FusionTransformerForConditionalGeneration,
+    convert_from_pretrained,
+)
 from tests.helpers import TINY, assert_cached_decoding_matches, assert_roundtrip_in_clean_process, random_batch
 
 MODES = ("transparent", "fine_grained", "dlcl")

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from transformers import BartConfig, BartForConditionalGeneration, BartModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
 from hf_fusion import (
     DepthwiseLSTMConfig,
@@ -33,8 +34,6 @@ from hf_fusion import (
     SurfaceFusionForConditionalGeneration,
     SurfaceFusionModel,
 )
-from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
-
 from tests.transformers_suite import load_common_tests
 
 modeling_common, configuration_common = load_common_tests()
