@@ -2,7 +2,7 @@
 # environment already matches requirements.lock).
 PY := .venv/bin/python
 
-.PHONY: setup train test test-latest lock bench contract-report
+.PHONY: setup train test test-fast test-latest lock bench contract-report
 
 setup:
 	bash scripts/setup.sh
@@ -14,6 +14,11 @@ train: setup
 # The test suite (what .ci/run runs).
 test: setup
 	$(PY) -m pytest -n 2 -q
+
+# The fast tier for contributors (under a minute): everything but the tests marked slow (subprocess
+# round trips, compilation, end-to-end trainings, transformers' common tests).
+test-fast: setup
+	$(PY) -m pytest -n 2 -q -m "not slow"
 
 # The same suite against the newest releases of torch, transformers, accelerate, datasets,
 # huggingface_hub, tokenizers and safetensors, in .venv-latest. Run before every submission.

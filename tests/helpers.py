@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
 from hf_fusion.compat import cache_output, output_cache
 
@@ -31,6 +32,12 @@ TINY = dict(
     max_position_embeddings=64,
     dropout=0.0,
 )
+
+
+def build_tiny(model_type: str = "fusion_transformer", **overrides) -> torch.nn.Module:
+    """A tiny model of any family (``TINY`` sizes, ``overrides`` on top), through the Auto classes
+    as a user would build it; in train mode, as built."""
+    return AutoModelForSeq2SeqLM.from_config(AutoConfig.for_model(model_type, **{**TINY, **overrides}))
 
 
 def random_batch(vocab_size: int = 100, batch: int = 3, src_len: int = 9, tgt_len: int = 6) -> dict[str, torch.Tensor]:

@@ -4,11 +4,9 @@ and without cache, and (for one rich combination) reloaded without hf_fusion."""
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
 import hf_fusion  # noqa: F401  (registers the families with the Auto classes)
-from tests.helpers import TINY, assert_cached_decoding_matches, assert_roundtrip_in_clean_process, random_batch
+from tests.helpers import assert_cached_decoding_matches, assert_roundtrip_in_clean_process, build_tiny, random_batch
 
 # (model_type, fields): every seam exercised at least once beside another seam's variant.
 COMBINATIONS = {
@@ -30,14 +28,10 @@ COMBINATIONS = {
 }
 
 
-def build(model_type: str, fields: dict) -> torch.nn.Module:
-    return AutoModelForSeq2SeqLM.from_config(AutoConfig.for_model(model_type, **{**TINY, **fields}))
-
-
 @pytest.mark.parametrize("name", list(COMBINATIONS))
 def test_combination_trains_generates_and_caches(name):
     model_type, fields = COMBINATIONS[name]
-    model = build(model_type, fields).train()
+    model = build_tiny(model_type, **fields).train()
     batch = random_batch()
     labels = batch.pop("decoder_input_ids")
     loss = model(**batch, labels=labels).loss
@@ -49,6 +43,7 @@ def test_combination_trains_generates_and_caches(name):
     assert out.shape[0] == batch["input_ids"].shape[0]
 
 
+@pytest.mark.slow
 def test_richest_combination_round_trips_without_hf_fusion(tmp_path):
     model_type, fields = COMBINATIONS["everything"]
-    assert_roundtrip_in_clean_process(build(model_type, fields), tmp_path)
+    assert_roundtrip_in_clean_process(build_tiny(model_type, **fields), tmp_path)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForSeq2SeqLM
 from transformers.generation import CompileConfig
 
-from tests.helpers import TINY, random_batch
+from tests.helpers import build_tiny, random_batch
+
+pytestmark = pytest.mark.slow  # not in make test-fast
 
 FAMILIES = {
     "fusion_transformer": {},
@@ -26,8 +27,7 @@ FAMILIES = {
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_compiled_static_cache_decoding_equals_teacher_forcing(model_type: str) -> None:
-    config = AutoConfig.for_model(model_type, **{**TINY, **FAMILIES[model_type]})
-    model = AutoModelForSeq2SeqLM.from_config(config).eval()
+    model = build_tiny(model_type, **FAMILIES[model_type]).eval()
     batch = random_batch()
     source = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     compile_config = CompileConfig(fullgraph=True, dynamic=False)

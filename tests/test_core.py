@@ -17,14 +17,13 @@ from hf_fusion.sharing import execution_plan
 from tests.helpers import (
     assert_cached_decoding_matches,
     assert_roundtrip_in_clean_process,
+    build_tiny,
     random_batch,
 )
 
 
 def tiny_model(**overrides) -> FusionTransformerForConditionalGeneration:
-    from tests.helpers import TINY
-
-    return FusionTransformerForConditionalGeneration(FusionTransformerConfig(**{**TINY, **overrides})).eval()
+    return build_tiny(**overrides).eval()
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -187,6 +186,7 @@ def test_generate_greedy_beam_and_sampling():
     assert torch.equal(greedy[~finished], prefix[~finished])
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     model = tiny_model().train()
@@ -222,6 +222,7 @@ def test_loss_matches_independent_cross_entropy_with_label_smoothing_and_item_co
     torch.testing.assert_close(summed, (0.9 * nll + 0.1 * smooth)[keep].sum() / 40)
 
 
+@pytest.mark.slow
 def test_torch_compile_captures_the_training_forward_in_one_graph():
     model = tiny_model()
     batch = random_batch()
@@ -266,10 +267,12 @@ def test_saved_folder_is_self_contained(tmp_path):
                 assert (tmp_path / f"{line.split()[1][1:]}.py").exists(), line
 
 
+@pytest.mark.slow
 def test_roundtrip_in_a_process_without_hf_fusion(tmp_path):
     assert_roundtrip_in_clean_process(tiny_model(normalize_before=True, add_final_layer_norm=True), tmp_path)
 
 
+@pytest.mark.slow
 def test_roundtrip_through_the_offline_hub_snapshot_path(tmp_path, monkeypatch):
     hub_home = tmp_path / "hf_home"
     snapshot = hub_home / "hub" / "models--hf-fusion--tiny" / "snapshots" / ("ab" * 20)

@@ -275,6 +275,7 @@ def test_recurrent_sharing_runs_one_block_at_every_step(mode: str) -> None:
     assert_cached_decoding_matches(shared, batch)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_reentrant", (True, False))
 def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant: bool) -> None:
     model = DepthwiseLSTMForConditionalGeneration(tiny_config()).train()
@@ -302,6 +303,7 @@ def test_family_registration_and_composition() -> None:
     assert isinstance(core.model.decoder.layers[0], DepthwiseLSTMDecoderLayer)
 
 
+@pytest.mark.slow
 def test_roundtrip_in_clean_process(tmp_path) -> None:
     options = dict(dlstm_decoder_mode="concat", dlstm_gate_norm="joint", dlstm_activation="gelu", dlstm_candidate="ffn")
     model = DepthwiseLSTMForConditionalGeneration(tiny_config(**options))

@@ -20,7 +20,13 @@ from hf_fusion import (
     FusionTransformerForConditionalGeneration,
     convert_from_pretrained,
 )
-from tests.helpers import TINY, assert_cached_decoding_matches, assert_roundtrip_in_clean_process, random_batch
+from tests.helpers import (
+    TINY,
+    assert_cached_decoding_matches,
+    assert_roundtrip_in_clean_process,
+    build_tiny,
+    random_batch,
+)
 
 MODES = ("transparent", "fine_grained", "dlcl")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -29,8 +35,7 @@ OUT_OF_RANGE = r"is out of range; allowed: \[0.0, 1.0\)"
 
 def build(fusion_mode: str, **overrides) -> EncoderFusionForConditionalGeneration:
     """A tiny EncoderFusion model with 3 encoder and 2 decoder layers (so N + 1 != M)."""
-    config = EncoderFusionConfig(**{**TINY, "encoder_layers": 3, "fusion_mode": fusion_mode, **overrides})
-    return EncoderFusionForConditionalGeneration(config)
+    return build_tiny("encoder_fusion", **{"encoder_layers": 3, "fusion_mode": fusion_mode, **overrides})
 
 
 def randomize(module: torch.nn.Module) -> None:
@@ -392,6 +397,7 @@ def test_beam_search_generate(fusion_mode):
     assert out.shape[0] == batch["input_ids"].shape[0] and out.shape[1] <= 6
 
 
+@pytest.mark.slow
 def test_roundtrip_in_clean_process(tmp_path):
     # DLCL inside the stacks and a fine-grained memory: both new seam files travel with the checkpoint.
     model = build("dlcl", encoder_memory="fine_grained")

@@ -31,6 +31,8 @@ import json, sys
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM
+
+pytestmark = pytest.mark.slow  # not in make test-fast
 try:
     import hf_fusion
     raise SystemExit("hf_fusion must not be importable here")

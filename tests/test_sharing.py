@@ -281,6 +281,7 @@ def test_beam_search_with_cache_equals_without(tiny: dict, strategy: str, unique
     )
 
 
+@pytest.mark.slow
 def test_roundtrip_in_clean_process(tiny: dict, tmp_path) -> None:
     model = RecurrentStackingForConditionalGeneration(
         shared_config(tiny, "cycle_rev", 3, normalize_before=True, add_final_layer_norm=True)

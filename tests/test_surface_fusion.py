@@ -19,7 +19,13 @@ from hf_fusion import (
 )
 from hf_fusion.compat import cache_output, output_cache
 from hf_fusion.heads import token_cross_entropy
-from tests.helpers import TINY, assert_cached_decoding_matches, assert_roundtrip_in_clean_process, random_batch
+from tests.helpers import (
+    TINY,
+    assert_cached_decoding_matches,
+    assert_roundtrip_in_clean_process,
+    build_tiny,
+    random_batch,
+)
 
 # Head settings the equation tests sweep: fixed and learned hard fusion, soft fusion, several
 # heads, no FFN; a pre-norm model so that the query (before the final LayerNorm) differs from the
@@ -38,9 +44,7 @@ def build(label_smoothing: float = 0.0, spread: float = 0.5, **overrides) -> Sur
     N(0, spread^2) and jitters biases and LayerNorms: the default init (std 0.02) makes the source
     logits nearly constant and the surface attention nearly uniform, which would let a wrong
     surface path pass a numerical comparison unnoticed."""
-    model = SurfaceFusionForConditionalGeneration(
-        SurfaceFusionConfig(**{**TINY, "label_smoothing": label_smoothing, **overrides})
-    )
+    model = build_tiny("surface_fusion", label_smoothing=label_smoothing, **overrides)
     if spread:
         with torch.no_grad():
             for parameter in model.parameters():
@@ -380,6 +384,7 @@ def test_beam_search_scores_are_the_renormalised_mixture_and_match_uncached() ->
 # --- checkpoints, conversion, training, composition -------------------------------------------
 
 
+@pytest.mark.slow
 def test_save_and_load_in_a_clean_process(tmp_path: Path) -> None:
     model = build(surface_fusion_lambda=None, surface_fusion_heads=2)
     folder = assert_roundtrip_in_clean_process(model, tmp_path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import unittest
 from typing import Any
 
+import pytest
 import torch
 from transformers import BartConfig, BartForConditionalGeneration, BartModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
@@ -35,6 +36,8 @@ from hf_fusion import (
     SurfaceFusionModel,
 )
 from tests.transformers_suite import load_common_tests
+
+pytestmark = pytest.mark.slow  # not in make test-fast
 
 modeling_common, configuration_common = load_common_tests()
 ModelTesterMixin = modeling_common.ModelTesterMixin
