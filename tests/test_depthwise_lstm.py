@@ -44,7 +44,7 @@ def randomize_(module: nn.Module) -> None:
 def reference_step(
     cell: DepthwiseLSTMCell, inputs: list[torch.Tensor], h: torch.Tensor, c: torch.Tensor, joint: bool, activation: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """METHODS.md §4 computed from the cell's weights, block by block, without the module's code.
+    """The cell equations of docs/depthwise_lstm.md computed from the cell's weights, block by block, without the module's code.
     With the "ffn" candidate: c_hat = W_2 act(LN(W_1 x + b_1)) + b_2 and only the gates are blocks."""
     d = h.shape[-1]
     x = torch.cat([*inputs, h], dim=-1)

@@ -1,6 +1,6 @@
 """EncoderFusion: transparent attention, fine-grained layer attention and DLCL.
 
-Every numerical claim is checked against an independent recomputation of the METHODS.md equation
+Every numerical claim is checked against an independent recomputation of the equation in docs/encoder_fusion.md
 from the model's own tensors (encoder states via ``output_hidden_states``, the seam modules'
 weights), never against stored numbers.
 """
@@ -188,7 +188,7 @@ def test_fine_grained_memory_is_per_dimension_layer_attention(overrides):
 def dlcl_recompute(
     connection, run_layer, y0: torch.Tensor, num_steps: int, pre_norm: bool
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """METHODS.md's DLCL with the connection's W and LayerNorms: pre-norm
+    """The DLCL equation of docs/encoder_fusion.md with the connection's W and LayerNorms: pre-norm
     x_{l+1} = sum_k W[l, k] LN_k(y_k) (y_0 un-normalised); post-norm x_{l+1} = LN(sum_k W[l, k] y_k)."""
     W = connection.weight
     outputs, normed = [y0], [y0]

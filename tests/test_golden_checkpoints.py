@@ -20,6 +20,8 @@ from hf_fusion.compat import CACHE_FIELD
 from tests.helpers import run_in_clean_process
 from training.cli import main as cli_main
 
+pytestmark = pytest.mark.slow  # not in make test-fast
+
 GOLDEN = Path(__file__).resolve().parent / "golden"
 CURRENT = sorted(path.name for path in GOLDEN.iterdir() if (path / "golden.json").is_file() and not path.name.startswith("legacy_"))
 LEGACY = sorted(path.name for path in GOLDEN.iterdir() if path.name.startswith("legacy_"))
@@ -31,8 +33,6 @@ import json, sys
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM
-
-pytestmark = pytest.mark.slow  # not in make test-fast
 try:
     import hf_fusion
     raise SystemExit("hf_fusion must not be importable here")

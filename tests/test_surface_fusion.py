@@ -65,7 +65,7 @@ def labelled_batch() -> dict[str, torch.Tensor]:
 
 
 def recompute(model: SurfaceFusionForConditionalGeneration, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The METHODS.md equations written out with plain tensor ops from the model's own weights.
+    """The equations of docs/surface_fusion.md written out with plain tensor ops from the model's own weights.
 
     Only the encoder-decoder body is run by the model (its outputs h_t before/after the final
     LayerNorm and X^N); V, the attention, the FFN, the projection and the fusion are recomputed here.
