@@ -52,12 +52,8 @@ Choices and defaults (the paper leaves these open; each is a config field):
   the same.
 - ``dlstm_candidate = "linear"`` by default, the single projection of the equations above. Caveat for deep
   stacks: a ReLU candidate is non-negative, so the cell ``c`` sums non-negative vectors over depth
-  and drifts towards one shared direction. In a freshly initialised 24+24-layer model (d_model
-  64) the decoder outputs of different tokens have mean cosine similarity 0.97 (residual: 0.04;
-  GELU 0.67, ``"ffn"`` 0.65; ``benchmarks/results/dlstm_init_diagnostic.md``), and in
-  ``benchmarks/deep_convergence.py`` that model stayed at the unigram loss while the residual
-  one trained. The ``"ffn"`` candidate is signed (it ends in a linear projection); in the same
-  run it kept improving, though more slowly than the residual model.
+  and drifts towards one shared direction; the ``"ffn"`` candidate is signed (it ends in a linear
+  projection). The project's measurements of both are in its docs (depth-wise LSTM page).
 - ``dlstm_activation = "relu"`` by default, the activation of the Transformer-base FFN the
   candidate replaces; ``"gelu"`` is the exact (erf) GELU.
 - Dropout (``config.dropout``) on each attention output before it enters the cell and on the
