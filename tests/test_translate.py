@@ -1,0 +1,161 @@
+"""``hf-fusion translate``: round trip against ``generate``, order under length batching, empty and
+over-long lines, standard input and output, a closed pipe, and a process without hf_fusion."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import REPO_ROOT, build_tiny, run_in_clean_process
+from training.tokenizer import train_tokenizer
+from training.translate import DecodingOptions, length_batches, load_translator, translate_lines
+
+SENTENCES = [
+    "Eventually the river flows into the sea.",
+    "Der Fluss mündet schließlich ins Meer.",
+    "The game eats up too much memory.",
+    "Das Spiel frisst zu viel Speicher.",
+    "She waited for the train in the rain.",
+    "Sie wartete im Regen auf den Zug.",
+]
+# Lines of different lengths in an order length-bucketing changes, with an empty line.
+LINES = ["the sea", "", "She waited for the train in the rain and the game ate memory.", "river", "The game eats up."]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny hf_fusion model with a real (trained) tokenizer, saved as a folder."""
+    path = tmp_path_factory.mktemp("translator") / "model"
+    tokenizer = train_tokenizer(SENTENCES * 3, vocab_size=60, model_max_length=64)
+    torch.manual_seed(0)
+    model = build_tiny(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id, max_position_embeddings=64,
+    ).eval()
+    with torch.no_grad():  # spread the weights so that different sources give different outputs
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.normal_(0.0, 1.0)
+    model.generation_config.max_length = 12
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def reference(model, tokenizer, line: str, **kwargs) -> str:
+    """One line through ``generate`` alone (no batching, no padding)."""
+    if not line:
+        return ""
+    inputs = tokenizer([line], return_tensors="pt")
+    with torch.no_grad():
+        return tokenizer.decode(model.generate(**inputs, **kwargs)[0], skip_special_tokens=True).strip()
+
+
+def test_translations_equal_generate_line_by_line_in_input_order(folder: Path) -> None:
+    model, tokenizer = load_translator(str(folder))
+    options = DecodingOptions(num_beams=1, max_tokens=20)  # forces several batches
+    got = translate_lines(model, tokenizer, LINES, options)
+    expected = [reference(model, tokenizer, line, num_beams=1, do_sample=False) for line in LINES]
+    assert got == expected
+    assert got[1] == "" and len(set(got) - {""}) > 1  # empty stays empty; outputs differ, so order is checked
+
+
+def test_beam_search_translations_equal_generate(folder: Path) -> None:
+    model, tokenizer = load_translator(str(folder))
+    got = translate_lines(model, tokenizer, LINES, DecodingOptions(num_beams=3, length_penalty=1.0, max_tokens=64))
+    expected = [reference(model, tokenizer, line, num_beams=3, length_penalty=1.0, do_sample=False) for line in LINES]
+    assert got == expected
+
+
+def test_length_batches_respect_the_budget_and_cover_every_line_once() -> None:
+    lengths = [5, 0, 17, 3, 9, 9, 40, 1]
+    batches = list(length_batches(lengths, max_tokens=20))
+    flat = [index for batch in batches for index in batch]
+    assert sorted(flat) == [0, 2, 3, 4, 5, 6, 7]  # the empty line is not decoded
+    for batch in batches:
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 20
+    assert [lengths[i] for i in flat] == sorted((n for n in lengths if n), reverse=True)
+
+
+def test_an_overlong_line_is_truncated_with_a_warning_naming_it(folder: Path, caplog) -> None:
+    model, tokenizer = load_translator(str(folder))
+    long_line = " ".join(["river sea game"] * 40)
+    with caplog.at_level(logging.WARNING, logger="training"):
+        got = translate_lines(model, tokenizer, ["the sea", long_line], DecodingOptions(num_beams=1))
+    assert len(got) == 2 and got[1]
+    assert any("line 2 has" in record.getMessage() and "truncated" in record.getMessage() for record in caplog.records)
+
+
+def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "training.cli", "translate", *args]
+    return subprocess.run(command, input=stdin, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+
+
+@pytest.mark.slow
+def test_standard_input_to_standard_output_and_files(folder: Path, tmp_path: Path) -> None:
+    model, tokenizer = load_translator(str(folder))
+    expected = [reference(model, tokenizer, line, num_beams=2, do_sample=False) for line in LINES]
+    result = _cli(str(folder), "--num_beams", "2", stdin="\n".join(LINES) + "\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:-1] == expected
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    output = tmp_path / "out.txt"
+    result = _cli(str(folder), "--num_beams", "2", "--input", str(source), "--output", str(output))
+    assert result.returncode == 0, result.stderr
+    assert output.read_text(encoding="utf-8").split("\n")[:-1] == expected
+    assert "translating" in result.stderr  # the progress bar, on standard error when reading a file
+
+
+@pytest.mark.slow
+def test_a_closed_pipe_ends_quietly(folder: Path, tmp_path: Path) -> None:
+    source = tmp_path / "in.txt"
+    source.write_text("the sea\n" * 2000, encoding="utf-8")
+    command = f"{sys.executable} -m training.cli translate {folder} --num_beams 1 --input {source} | head -1"
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+
+
+def test_bad_options_are_one_line_errors(folder: Path, tmp_path: Path) -> None:
+    from training.cli import main
+
+    assert main(["translate", str(folder), "--input", str(tmp_path / "missing.txt")]) == 2
+    assert main(["translate", str(folder), "--max_tokens", "0"]) == 2
+
+
+@pytest.mark.slow
+def test_translates_where_hf_fusion_is_not_installed(folder: Path, tmp_path: Path) -> None:
+    """translate.py imports only transformers: in a process that cannot import hf_fusion (nor the
+    training package) it loads the folder's own code and gives the same translations."""
+    model, tokenizer = load_translator(str(folder))
+    expected = translate_lines(model, tokenizer, LINES, DecodingOptions(num_beams=2))
+    script = REPO_ROOT / "training" / "translate.py"
+    run_in_clean_process(
+        f"""
+        import importlib.util, json, sys
+        spec = importlib.util.spec_from_file_location("translate", {str(script)!r})
+        translate = importlib.util.module_from_spec(spec)
+        sys.modules["translate"] = translate
+        spec.loader.exec_module(translate)
+        try:
+            import hf_fusion
+            raise SystemExit("hf_fusion must not be importable here")
+        except ImportError:
+            pass
+        model, tokenizer = translate.load_translator({str(folder)!r})
+        assert "hf_fusion" not in type(model).__module__
+        lines = {LINES!r}
+        out = translate.translate_lines(model, tokenizer, lines, translate.DecodingOptions(num_beams=2))
+        json.dump(out, open("out.json", "w"))
+        """,
+        tmp_path,
+    )
+    import json
+
+    assert json.loads((tmp_path / "out.json").read_text()) == expected
