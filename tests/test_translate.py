@@ -159,3 +159,85 @@ def test_translates_where_hf_fusion_is_not_installed(folder: Path, tmp_path: Pat
     import json
 
     assert json.loads((tmp_path / "out.json").read_text()) == expected
+
+
+# --- hf-fusion evaluate MODEL --test_file X ---------------------------------------------------
+
+
+def _write_jsonl(path: Path, pairs: list[tuple[str, str]]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in pairs), encoding="utf-8")
+    return path
+
+
+PAIRS = list(zip(SENTENCES[0::2], SENTENCES[1::2]))
+
+
+def test_evaluate_on_a_test_file_alone_writes_its_own_folder(folder: Path, tmp_path: Path) -> None:
+    import sacrebleu
+
+    from training.evaluate_file import run
+
+    before = sorted(p.name for p in folder.iterdir())
+    test_file = _write_jsonl(tmp_path / "other.jsonl", PAIRS)
+    results = run([str(folder), "--test_file", str(test_file), "--num_beams", "1", "--output_dir", str(tmp_path / "eval")])
+    assert sorted(p.name for p in folder.iterdir()) == before  # the model folder is untouched
+    predictions = (tmp_path / "eval" / "predictions.txt").read_text(encoding="utf-8").splitlines()
+    references = [target for _, target in PAIRS]
+    assert len(predictions) == len(PAIRS)
+    assert results["bleu"] == pytest.approx(sacrebleu.corpus_bleu(predictions, [references]).score)
+    assert results["chrf"] == pytest.approx(sacrebleu.corpus_chrf(predictions, [references]).score)
+    model, tokenizer = load_translator(str(folder))
+    assert predictions == translate_lines(model, tokenizer, [s for s, _ in PAIRS], DecodingOptions(num_beams=1))
+
+
+def test_evaluate_plain_text_sources_with_a_reference_file(folder: Path, tmp_path: Path) -> None:
+    from training.evaluate_file import run
+
+    sources = tmp_path / "test.txt"
+    sources.write_text("".join(s + "\n" for s, _ in PAIRS), encoding="utf-8")
+    references = tmp_path / "ref.txt"
+    references.write_text("".join(t + "\n" for _, t in PAIRS), encoding="utf-8")
+    results = run([str(folder), "--test_file", str(sources), "--reference_file", str(references),
+                   "--num_beams", "1", "--output_dir", str(tmp_path / "eval")])
+    assert results["num_sentences"] == len(PAIRS)
+    references.write_text("only one line\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="has 3 lines but .* has 1"):
+        run([str(folder), "--test_file", str(sources), "--reference_file", str(references)])
+
+
+def test_evaluate_refuses_to_write_into_the_model_folder(folder: Path, tmp_path: Path) -> None:
+    from training.evaluate_file import run
+
+    test_file = _write_jsonl(tmp_path / "t.jsonl", PAIRS)
+    with pytest.raises(ValueError, match="never writes into a published model folder"):
+        run([str(folder), "--test_file", str(test_file), "--output_dir", str(folder / "eval")])
+
+
+def test_paired_bootstrap_separates_a_real_difference_from_none() -> None:
+    from training.evaluate_file import paired_bootstrap
+
+    references = [f"sentence number {i} is about the river and the sea" for i in range(40)]
+    # One word changed in one sentence of 40: a difference chance explains.
+    nearly = list(references)
+    nearly[7] = nearly[7].replace("river", "lake")
+    close = paired_bootstrap(("a", references), ("b", nearly), references)
+    assert close["bleu"]["p_value"] > 0.05 and close["bleu"]["baseline"] > close["bleu"]["other"]
+    worse = [" ".join(reference.split()[:3]) for reference in references]
+    different = paired_bootstrap(("a", references), ("b", worse), references)
+    assert different["bleu"]["p_value"] < 0.01 and different["chrf"]["p_value"] < 0.01
+
+
+@pytest.mark.slow
+def test_evaluate_compare_reports_both_models(folder: Path, tmp_path: Path) -> None:
+    from training.evaluate_file import run
+
+    test_file = _write_jsonl(tmp_path / "t.jsonl", PAIRS)
+    results = run([str(folder), "--test_file", str(test_file), "--num_beams", "1", "--compare", str(folder),
+                   "--output_dir", str(tmp_path / "eval")])
+    assert results["compare"]["bleu"] == results["bleu"]  # the same model twice: the same translations
+    # sacreBLEU counts only resampled differences larger than the observed one, so a system compared
+    # with itself gets the smallest p-value, 1 / (samples + 1): the test is for different systems.
+    assert 0 < results["compare"]["paired_bootstrap"]["bleu"]["p_value"] <= 1
+    assert (tmp_path / "eval" / "compare_predictions.txt").is_file()
