@@ -32,6 +32,28 @@ def model_code_files(model_type: str) -> list[Path]:
     return files
 
 
+def refuse_changed_semantics(folder: Path, config: dict) -> None:
+    """Refuse a refresh that would change what the saved model computes.
+
+    ``cycle_rev`` with a depth its block count does not divide now follows the paper's rule
+    (``sharing.py``); a folder saved with the earlier rule would run a different plan under the
+    new code, so its code is left alone.
+
+    Raises:
+        ValueError: naming the setting and what to do instead.
+    """
+    if config.get("sharing_strategy") != "cycle_rev":
+        return
+    for stack in ("encoder", "decoder"):
+        steps, blocks = config.get(f"{stack}_layers"), config.get(f"{stack}_unique_layers")
+        if isinstance(steps, int) and isinstance(blocks, int) and steps % blocks:
+            raise ValueError(
+                f"{folder} uses sharing_strategy='cycle_rev' with {stack}_layers = {steps} not divisible by "
+                f"{stack}_unique_layers = {blocks}, whose execution plan the current code defines differently; "
+                "refreshing its code would change the model. Keep its code and pin transformers<5.24 instead."
+            )
+
+
 def refresh_model_code(folder: str | Path) -> tuple[list[str], list[str]]:
     """Replace the model code in a saved hf_fusion folder with this installation's.
 
@@ -41,7 +63,8 @@ def refresh_model_code(folder: str | Path) -> tuple[list[str], list[str]]:
 
     Raises:
         FileNotFoundError: if ``folder`` has no ``config.json``.
-        ValueError: if the folder is not an hf_fusion model.
+        ValueError: if the folder is not an hf_fusion model, or the current code would compute
+            something else with its weights (see :func:`refuse_changed_semantics`).
     """
     folder = Path(folder)
     config_file = folder / "config.json"
@@ -53,6 +76,7 @@ def refresh_model_code(folder: str | Path) -> tuple[list[str], list[str]]:
             f"{folder} holds a {model_type!r} model, not an hf_fusion family; allowed model_type: "
             f"{', '.join(MODEL_FAMILIES)}."
         )
+    refuse_changed_semantics(folder, json.loads(config_file.read_text()))
     before = {path.name for path in folder.glob("*.py")}
     written = []
     for source in model_code_files(model_type):

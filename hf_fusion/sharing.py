@@ -6,11 +6,18 @@ A stack of N steps backed by M <= N parameter blocks (0-based step i):
     recurrent  block 0                                   (M = 1; Dabre & Fujita, AAAI 2019)
     sequence   floor(i / ceil(N / M))                    (Takase & Kiyono 2021, arXiv 2104.06022)
     cycle      i mod M
-    cycle_rev  i mod M for i < N - M; the last M steps run blocks M-1, ..., 0
+    cycle_rev  i mod M for i < M * (ceil(N / M) - 1); the remaining steps run M-1, M-2, ...
 
 Only the plan changes with sharing: the stack holds M blocks and loops over the N steps. Key/value
 cache slots and ``layer_idx`` follow the *step*, never the block, so two steps that share weights
 never share a cache slot.
+
+``cycle_rev`` follows the paper's definition (Sec. 2): with N = 6, M = 4 it runs 0 1 2 3 3 2. When M
+divides N it is the CYCLE order followed by the blocks reversed (6 steps, 3 blocks: 0 1 2 2 1 0).
+The authors' code builds the plan differently when M does not divide N and N >= 2M (N = 7, M = 3:
+their code runs 0 1 2 0 2 1 0, the paper's rule 0 1 2 0 1 2 2); the paper's rule is implemented.
+Folders saved before this rule was adopted (it used to reverse the last M steps: N = 6, M = 4 ran
+0 1 3 2 1 0) keep their own code and plan when loaded with ``trust_remote_code``.
 
 ``EXECUTION_PLANS`` is the seam's table (config key ``sharing_strategy`` -> plan function); the
 config's allowed values are its keys. A plan function maps (N, M) to the block of every step and
@@ -48,8 +55,11 @@ def _plan_cycle(num_steps: int, num_blocks: int) -> tuple[int, ...]:
 
 
 def _plan_cycle_rev(num_steps: int, num_blocks: int) -> tuple[int, ...]:
-    head = [step_idx % num_blocks for step_idx in range(num_steps - num_blocks)]
-    return tuple(head + list(range(num_blocks - 1, -1, -1)))
+    # Takase & Kiyono, Sec. 2: CYCLE for the first M * (ceil(N / M) - 1) steps, then the remaining
+    # steps run the blocks in reverse order, starting from the last block.
+    cycled = num_blocks * (math.ceil(num_steps / num_blocks) - 1)
+    head = [step_idx % num_blocks for step_idx in range(cycled)]
+    return tuple(head + [num_blocks - 1 - rest for rest in range(num_steps - cycled)])
 
 
 # The seam's table: ``sharing_strategy`` -> plan function (N steps, M blocks) -> block per step.

@@ -111,3 +111,12 @@ def test_refresh_code_refuses_what_is_not_an_hf_fusion_folder(tmp_path: Path, ca
         refresh_model_code(tmp_path)
     assert cli_main(["refresh-code", str(tmp_path)]) == 2
     assert "not an hf_fusion family" in capsys.readouterr().err
+
+
+def test_refresh_code_refuses_a_folder_whose_plan_the_current_code_defines_differently(tmp_path: Path) -> None:
+    folder = tmp_path / "cycle_rev"
+    shutil.copytree(GOLDEN / "recurrent_stacking_cycle_rev", folder)  # 3 steps over 2 blocks
+    before = {path.name: path.read_bytes() for path in folder.glob("*.py")}
+    with pytest.raises(ValueError, match="not divisible by"):
+        refresh_model_code(folder)
+    assert {path.name: path.read_bytes() for path in folder.glob("*.py")} == before

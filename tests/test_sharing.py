@@ -34,7 +34,9 @@ PLANS = {
     ("cycle_rev", 6, 3): (0, 1, 2, 2, 1, 0),
     ("sequence", 6, 2): (0, 0, 0, 1, 1, 1),
     ("cycle", 6, 4): (0, 1, 2, 3, 0, 1),
-    ("cycle_rev", 6, 4): (0, 1, 3, 2, 1, 0),
+    ("cycle_rev", 6, 4): (0, 1, 2, 3, 3, 2),  # the paper's rule: cycle M * (ceil(N/M) - 1) steps, then reverse
+    ("cycle_rev", 7, 3): (0, 1, 2, 0, 1, 2, 2),
+    ("cycle_rev", 4, 4): (3, 2, 1, 0),
     ("sequence", 12, 6): (0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5),
     ("cycle", 12, 6): (0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5),
     ("cycle_rev", 12, 6): (0, 1, 2, 3, 4, 5, 5, 4, 3, 2, 1, 0),
@@ -361,7 +363,7 @@ def test_transfer_mean_follows_each_schedule(teacher) -> None:
         teacher, sharing_strategy="cycle_rev", encoder_unique_layers=3, decoder_unique_layers=4
     )
     assert_blocks_from(cycle_rev, teacher, "encoder", [[0, 5], [1, 4], [2, 3]])
-    assert_blocks_from(cycle_rev, teacher, "decoder", [[0, 5], [1, 4], [3], [2]])
+    assert_blocks_from(cycle_rev, teacher, "decoder", [[0], [1], [2, 5], [3, 4]])
     sequence = transfer_from_pretrained(
         teacher, sharing_strategy="sequence", encoder_unique_layers=2, decoder_unique_layers=3
     )
