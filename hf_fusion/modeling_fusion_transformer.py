@@ -125,7 +125,41 @@ def build_token_embedding(config: FusionTransformerConfig) -> ScaledWordEmbeddin
     return ScaledWordEmbedding(config.vocab_size, config.d_model, config.pad_token_id, embedding_scale(config))
 
 
-class FusionTransformerEncoder(nn.Module):
+class FusionStack(nn.Module):
+    """What the encoder and the decoder share: token and position embeddings (with the optional
+    embedding LayerNorm), the parameter blocks the stack's execution plan runs, the depth
+    connection joining them, and the optional final LayerNorm. Attribute names are BART's
+    checkpoint keys.
+
+    Args:
+        config: The model config.
+        stack: ``"encoder"`` or ``"decoder"``.
+    """
+
+    def __init__(self, config: FusionTransformerConfig, stack: str):
+        super().__init__()
+        spec = DEPTH_CONNECTIONS[config.depth_connection]
+        layer_class = spec.encoder_layer if stack == "encoder" else spec.decoder_layer
+        self.config = config
+        self.dropout = config.dropout
+        self.embed_tokens = build_token_embedding(config)
+        self.embed_positions = build_position_embedding(config)
+        self.layernorm_embedding = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.layernorm_embedding else None
+        self.plan = getattr(config, f"{stack}_plan")
+        self.layers = nn.ModuleList([layer_class(config) for _ in range(getattr(config, f"{stack}_unique_layers"))])
+        self.connection = spec.connection(config, getattr(config, f"{stack}_layers"))
+        self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.add_final_layer_norm else None
+
+    def embed(self, inputs_embeds: torch.Tensor, past_len: int | torch.Tensor, side: str) -> torch.Tensor:
+        """Token embeddings (batch, len, d_model) + positions from ``past_len`` on, then the
+        embedding LayerNorm and dropout: the input of the first depth step."""
+        hidden_states = inputs_embeds + self.embed_positions(inputs_embeds.shape[1], past_len, side=side)
+        if self.layernorm_embedding is not None:
+            hidden_states = self.layernorm_embedding(hidden_states)
+        return nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+
+
+class FusionTransformerEncoder(FusionStack):
     """Embeddings, then the encoder steps of the execution plan through the depth connection.
 
     Args:
@@ -134,18 +168,8 @@ class FusionTransformerEncoder(nn.Module):
     """
 
     def __init__(self, config: FusionTransformerConfig, needs_layer_states: bool):
-        super().__init__()
-        spec = DEPTH_CONNECTIONS[config.depth_connection]
-        self.config = config
-        self.dropout = config.dropout
+        super().__init__(config, "encoder")
         self.needs_layer_states = needs_layer_states
-        self.embed_tokens = build_token_embedding(config)
-        self.embed_positions = build_position_embedding(config)
-        self.layernorm_embedding = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.layernorm_embedding else None
-        self.plan = config.encoder_plan
-        self.layers = nn.ModuleList([spec.encoder_layer(config) for _ in range(config.encoder_unique_layers)])
-        self.connection = spec.connection(config, config.encoder_layers)
-        self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.add_final_layer_norm else None
 
     def forward(
         self,
@@ -170,10 +194,7 @@ class FusionTransformerEncoder(nn.Module):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds to the encoder.")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        hidden_states = inputs_embeds + self.embed_positions(inputs_embeds.shape[1], side="source (encoder)")
-        if self.layernorm_embedding is not None:
-            hidden_states = self.layernorm_embedding(hidden_states)
-        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+        hidden_states = self.embed(inputs_embeds, past_len=0, side="source (encoder)")
         mask = padding_mask(attention_mask)
 
         state = self.connection.start(hidden_states)
@@ -201,7 +222,7 @@ class FusionTransformerEncoder(nn.Module):
         return output if return_dict is not False else output.to_tuple()
 
 
-class FusionTransformerDecoder(nn.Module):
+class FusionTransformerDecoder(FusionStack):
     """Causal decoder: each step runs its parameter block with its own cache slot and reads the
     memory the encoder-memory seam gives it. Without encoder states (a decoder used on its own)
     the cross-attention sub-layers are skipped, as in BART.
@@ -212,18 +233,8 @@ class FusionTransformerDecoder(nn.Module):
     """
 
     def __init__(self, config: FusionTransformerConfig, memory: nn.Module):
-        super().__init__()
-        spec = DEPTH_CONNECTIONS[config.depth_connection]
-        self.config = config
-        self.dropout = config.dropout
-        self.embed_tokens = build_token_embedding(config)
-        self.embed_positions = build_position_embedding(config)
-        self.layernorm_embedding = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.layernorm_embedding else None
-        self.plan = config.decoder_plan
-        self.layers = nn.ModuleList([spec.decoder_layer(config) for _ in range(config.decoder_unique_layers)])
-        self.connection = spec.connection(config, config.decoder_layers)
+        super().__init__(config, "decoder")
         self.memory = memory
-        self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.add_final_layer_norm else None
 
     def forward(
         self,
@@ -273,10 +284,7 @@ class FusionTransformerDecoder(nn.Module):
         past_len = cache.get_seq_length() if cache is not None else 0
         kv_len = cache.get_mask_sizes(tgt_len, 0)[0] if cache is not None else tgt_len
 
-        hidden_states = inputs_embeds + self.embed_positions(tgt_len, past_len, side="target (decoder)")
-        if self.layernorm_embedding is not None:
-            hidden_states = self.layernorm_embedding(hidden_states)
-        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+        hidden_states = self.embed(inputs_embeds, past_len, side="target (decoder)")
         self_mask = causal_mask(tgt_len, past_len, kv_len, attention_mask, inputs_embeds.device)
         cross_mask = padding_mask(encoder_attention_mask)
 
