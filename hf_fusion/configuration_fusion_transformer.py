@@ -48,7 +48,7 @@ FUSION_DROPOUT_DEFAULTS: dict[str, float] = {"transparent": 0.1, "fine_grained":
 # Options of the depth-wise LSTM connection (``depth_connection = "depthwise_lstm"``).
 DLSTM_DECODER_MODES = ("per_sublayer", "concat")
 DLSTM_GATE_NORMS = ("per_gate", "joint")
-DLSTM_ACTIVATIONS = ("relu", "gelu")
+DLSTM_ACTIVATIONS = ("relu", "gelu", "tanh")
 DLSTM_CANDIDATES = ("linear", "ffn")
 SURFACE_FUSION_MODES = ("hard", "soft")
 
@@ -130,10 +130,11 @@ class FusionTransformerConfig(PreTrainedConfig):
         dlstm_gate_norm: LayerNorm of the LSTM pre-activations: ``"per_gate"`` (each gate, and
             the ``"linear"`` candidate, normalised on its own over d) or ``"joint"`` (all of them
             together, as the authors' Neutron cells do).
-        dlstm_activation: Activation of the LSTM candidate (the feed-forward's role): ``"relu"``
-            or ``"gelu"``.
+        dlstm_activation: Activation of the LSTM candidate (the feed-forward's role): ``"relu"``,
+            ``"gelu"`` or ``"tanh"``.
         dlstm_candidate: How the LSTM candidate is computed: ``"linear"`` (``act(LN(W x + b))``,
-            the single projection of the equations in ``depthwise_lstm.py``) or ``"ffn"`` (``W_2 act(LN(W_1 x + b_1)) + b_2`` with
+            the single projection of the equations in ``depthwise_lstm.py``) or ``"ffn"``
+            (``W_2 act(LN(W_1 x + b_1)) + b_2`` with
             inner width ``encoder_ffn_dim`` / ``decoder_ffn_dim``, as Neutron's cell does).
         encoder_memory: What each decoder layer's cross-attention reads (``"last"``: the top
             encoder layer, as in vanilla seq2seq; ``"transparent"``: a softmax-weighted sum of all

@@ -55,7 +55,8 @@ Choices and defaults (the paper leaves these open; each is a config field):
   and drifts towards one shared direction; the ``"ffn"`` candidate is signed (it ends in a linear
   projection). The project's measurements of both are in its docs (depth-wise LSTM page).
 - ``dlstm_activation = "relu"`` by default, the activation of the Transformer-base FFN the
-  candidate replaces; ``"gelu"`` is the exact (erf) GELU.
+  candidate replaces; ``"gelu"`` is the exact (erf) GELU; ``"tanh"`` is the signed activation
+  the authors' Neutron cells use, which keeps the cell from accumulating one sign over depth.
 - Dropout (``config.dropout``) on each attention output before it enters the cell and on the
   candidate ``c_hat``: the two places a residual layer drops its sub-layer outputs.
 - The depth-wise LSTM family config turns ``add_final_layer_norm`` on: ``h = o * c`` is not

@@ -25,7 +25,7 @@ from tests.helpers import TINY, assert_cached_decoding_matches, assert_roundtrip
 
 GATE_NORMS = ("per_gate", "joint")
 CANDIDATES = ("linear", "ffn")
-ACTIVATIONS = ("relu", "gelu")
+ACTIVATIONS = ("relu", "gelu", "tanh")
 DECODER_MODES = ("per_sublayer", "concat")
 
 
@@ -80,6 +80,8 @@ def standardize(z: torch.Tensor, eps: float) -> torch.Tensor:
 def act(z: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "relu":
         return torch.where(z > 0, z, torch.zeros_like(z))
+    if activation == "tanh":
+        return 1 - 2 / (torch.exp(2 * z) + 1)
     return 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
 
 
@@ -349,7 +351,7 @@ def test_seq2seq_trainer_reduces_the_loss(tmp_path) -> None:
     [
         ("dlstm_decoder_mode", "parallel", "'per_sublayer', 'concat'"),
         ("dlstm_gate_norm", "per_block", "'per_gate', 'joint'"),
-        ("dlstm_activation", "tanh", "'relu', 'gelu'"),
+        ("dlstm_activation", "sigmoid", "'relu', 'gelu', 'tanh'"),
         ("dlstm_candidate", "mlp", "'linear', 'ffn'"),
         ("depth_connection", "residual", "'depthwise_lstm'"),
     ],
