@@ -1,7 +1,7 @@
 """Does E2S2 pretraining help a small translation model more than plain BART denoising?
 
 Small-scale, CPU-only comparison on the built-in Ding corpus (English <-> German example
-sentences, ``training.data.build_default_corpus``):
+sentences, ``training.corpora.build_default_corpus``):
 
 1. One joint subword tokenizer on the training split (both languages).
 2. Pretraining on the monolingual text of the training split (English and German sentences mixed,
@@ -45,7 +45,7 @@ from transformers import (  # noqa: E402
 )
 
 from hf_fusion import FusionTransformerConfig, FusionTransformerForConditionalGeneration  # noqa: E402
-from training.data import build_default_corpus  # noqa: E402
+from training.corpora import build_default_corpus  # noqa: E402
 from training.e2s2 import E2S2DataCollator, E2S2ForPreTraining, E2S2Trainer  # noqa: E402
 from training.metrics import load_translation_metric  # noqa: E402
 from training.tokenizer import train_tokenizer  # noqa: E402
