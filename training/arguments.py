@@ -212,10 +212,12 @@ def load_settings(config_path: str | Path | None) -> dict[str, Any]:
     return settings
 
 
-def _split_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any], list[str]]:
-    """Separate ``--model_config.FIELD value`` pairs from the dataclass options.
+def split_config_options(argv: list[str]) -> tuple[list[str], dict[str, Any], list[str]]:
+    """Separate ``--model_config.FIELD value`` (or ``=value``) pairs from the other options: the
+    one config-field syntax of every ``hf-fusion`` command that builds a model.
 
-    Returns the dataclass options, the config overrides and the option names given (for the record).
+    Returns the other options, the config fields (values typed as YAML types them) and the option
+    names given (for the record).
     """
     options, config_overrides, given = [], {}, []
     position = 0
@@ -258,7 +260,7 @@ def parse_experiment(config_path: str | Path | None, argv: list[str] | None = No
     settings = load_settings(config_path)
     model_config = dict(settings.get(MODEL_CONFIG_KEY) or {})
     defaults = {key: value for key, value in settings.items() if key != MODEL_CONFIG_KEY}
-    options, config_overrides, given = _split_overrides(list(argv or []))
+    options, config_overrides, given = split_config_options(list(argv or []))
 
     parser = HfArgumentParser(ARGUMENT_CLASSES, exit_on_error=False, allow_abbrev=False)
     parser.set_defaults(**defaults)
