@@ -25,6 +25,8 @@ import torch
 import yaml
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
+import hf_fusion
+
 MODEL_CONFIG_KEY = "model_config"
 
 
@@ -53,6 +55,20 @@ class ModelArguments:
     # Config fields of the family; filled from the YAML mapping and --model_config.FIELD options
     # (not an argparse option itself: argparse cannot type a mapping).
     model_config: dict[str, Any] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        # A family typo fails here, before any data work; config fields are checked when the
+        # config is built (once, sized to the tokenizer).
+        if self.model_name_or_path is None and self.model_type not in hf_fusion.MODEL_FAMILIES:
+            raise ValueError(
+                f"model_type={self.model_type!r} is not an hf_fusion family; allowed: "
+                f"{', '.join(hf_fusion.MODEL_FAMILIES)}."
+            )
+
+    @property
+    def trains_tokenizer(self) -> bool:
+        """Whether the run trains its tokenizer (no tokenizer or checkpoint to take one from)."""
+        return not (self.tokenizer_name_or_path or self.model_name_or_path)
 
 
 @dataclass
@@ -83,6 +99,10 @@ class DataArguments:
         default=8000, metadata={"help": "Vocabulary size of a tokenizer trained on the training data."}
     )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+
+    def __post_init__(self) -> None:
+        if self.train_file or self.validation_file or self.test_file:
+            self.dataset = None  # local files replace the corpus (see the help of ``dataset``)
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -170,6 +190,11 @@ class Experiment:
     data: DataArguments
     training: FusionTrainingArguments
     settings: dict[str, Any]
+
+    @property
+    def generation_max_length(self) -> int:
+        """Longest generated sequence: ``generation_max_length``, else the longest target."""
+        return self.training.generation_max_length or self.data.max_target_length
 
     def to_yaml(self) -> str:
         """The YAML file that reproduces this run (the config file with the overrides applied)."""

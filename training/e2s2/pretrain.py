@@ -41,7 +41,7 @@ from transformers import (
 import hf_fusion  # noqa: F401  (registers the hf_fusion model types with the Auto classes)
 
 from ..arguments import split_config_options
-from ..tokenizer import check_tokenizer_fits
+from ..tokenizer import check_tokenizer_fits, config_fields_for
 from .collator import OBJECTIVES, E2S2DataCollator
 from .model import E2S2ForPreTraining
 from .trainer import E2S2Trainer
@@ -114,15 +114,8 @@ def build_backbone(
             return AutoModelForSeq2SeqLM.from_pretrained(path, trust_remote_code=args.trust_remote_code, **overrides)
         config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code, **overrides)
         return AutoModelForSeq2SeqLM.from_config(config, trust_remote_code=args.trust_remote_code)
-    ids = {
-        "vocab_size": len(tokenizer),
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "decoder_start_token_id": tokenizer.eos_token_id,  # BART's convention
-    }
     try:
-        config = AutoConfig.for_model(args.model, **{**ids, **overrides})
+        config = AutoConfig.for_model(args.model, **{**config_fields_for(tokenizer), **overrides})
     except ValueError as error:
         if "Unrecognized model identifier" not in str(error):
             raise
