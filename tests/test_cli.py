@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+import yaml
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq
@@ -25,7 +26,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSe
 import hf_fusion  # noqa: F401  (registers the families with the Auto classes)
 from tests.cli_helpers import CONFIG_DIR, REPO_ROOT, RecordingHub, data_overrides, debug_configs, ding_files
 from tests.helpers import run_in_clean_process
-from training.arguments import parse_experiment
+from training.arguments import load_settings, parse_experiment
 from training.batching import LengthBucketBatchSampler, PairCollator, TokenizedPairs, padded_fraction
 from training.cli import main
 from training.export import check_export
@@ -242,6 +243,55 @@ def test_yaml_options_and_command_line_overrides(tmp_path: Path) -> None:
         parse_experiment(path)
 
 
+def test_a_config_extends_a_base_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    configs = tmp_path / "configs"  # bases resolve relative to the file, not the working directory
+    configs.mkdir()
+    (configs / "base.yaml").write_text(
+        "output_dir: base\nlearning_rate: 0.001\nseed: 3\nmodel_config:\n  d_model: 64\n  dropout: 0.1\n"
+    )
+    (configs / "child.yaml").write_text(
+        "extends: base.yaml\nlearning_rate: 0.002\nmodel_config:\n  dropout: 0.3\n  encoder_layers: 2\n"
+    )
+    (configs / "grandchild.yaml").write_text("extends: child.yaml\noutput_dir: grand\n")
+    experiment = parse_experiment(configs / "grandchild.yaml", ["--model_config.d_model", "32"])
+    assert experiment.training.learning_rate == 0.002  # the child overrides its base
+    assert experiment.training.seed == 3 and experiment.training.output_dir == "grand"
+    # model_config merges field by field, through the whole chain, and the command line still wins.
+    assert experiment.model.model_config == {"d_model": 32, "dropout": 0.3, "encoder_layers": 2}
+
+    # experiment.yaml holds the resolved settings: it reproduces the run on its own, anywhere.
+    recorded = yaml.safe_load(experiment.to_yaml())
+    assert "extends" not in recorded and recorded["seed"] == 3 and recorded["learning_rate"] == 0.002
+    (tmp_path / "experiment.yaml").write_text(experiment.to_yaml())
+    again = parse_experiment(tmp_path / "experiment.yaml")
+    assert again.settings == experiment.settings and again.model.model_config == experiment.model.model_config
+
+    (configs / "orphan.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(FileNotFoundError, match=r"orphan\.yaml extends .*nowhere\.yaml.*does not exist"):
+        parse_experiment(configs / "orphan.yaml")
+    (configs / "base.yaml").write_text("extends: grandchild.yaml\nseed: 3\n")
+    with pytest.raises(ValueError, match=r"cycle \(.*grandchild\.yaml -> .*child\.yaml -> .*base\.yaml -> .*grandchild\.yaml\)"):
+        parse_experiment(configs / "grandchild.yaml")
+    (configs / "typo.yaml").write_text("extends: child.yaml\nlerning_rate: 0.1\n")
+    with pytest.raises(ValueError, match=r"Unknown option 'lerning_rate' in .*typo\.yaml; did you mean 'learning_rate'"):
+        parse_experiment(configs / "typo.yaml")
+    # The CLI reports either as one line, exit status 2.
+    for config in ("orphan.yaml", "grandchild.yaml"):
+        assert main(["train", str(configs / config)]) == 2
+        error = capsys.readouterr().err
+        assert len(error.strip().splitlines()) == 1 and "Traceback" not in error
+
+
+@pytest.mark.parametrize("config", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda path: path.stem)
+def test_every_shipped_config_resolves_to_a_valid_model_config(config: Path) -> None:
+    from transformers import AutoConfig
+
+    experiment = parse_experiment(config)
+    model = experiment.model
+    AutoConfig.for_model(model.model_type, **{"vocab_size": 100, **model.model_config})
+    assert "extends" not in experiment.settings
+
+
 def _random_pairs(lengths: list[tuple[int, int]]) -> TokenizedPairs:
     rng = np.random.default_rng(0)
     source = [rng.integers(5, 50, n) for n, _ in lengths]
@@ -305,7 +355,6 @@ def test_pair_collator_matches_datacollator_for_seq2seq() -> None:
 
 
 def test_fine_tuning_converts_a_bart_checkpoint_and_keeps_its_tokenizer(tmp_path: Path) -> None:
-    import yaml
     from transformers import BartConfig, BartForConditionalGeneration
 
     from training.tokenizer import train_tokenizer
@@ -321,7 +370,7 @@ def test_fine_tuning_converts_a_bart_checkpoint_and_keeps_its_tokenizer(tmp_path
     )  # fmt: skip
     bart.save_pretrained(tmp_path / "bart")
     tokenizer.save_pretrained(tmp_path / "bart")
-    settings = yaml.safe_load((CONFIG_DIR / "fusion_transformer_debug.yaml").read_text())
+    settings = load_settings(CONFIG_DIR / "fusion_transformer_debug.yaml")
     settings["model_config"] = {"dropout": 0.2}  # a fine-tuning config overrides, it does not size
     settings["model_name_or_path"] = str(tmp_path / "bart")
     (tmp_path / "finetune.yaml").write_text(yaml.safe_dump(settings))
