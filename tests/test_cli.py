@@ -270,10 +270,12 @@ def test_a_config_extends_a_base_file(tmp_path: Path, capsys: pytest.CaptureFixt
     with pytest.raises(FileNotFoundError, match=r"orphan\.yaml extends .*nowhere\.yaml.*does not exist"):
         parse_experiment(configs / "orphan.yaml")
     (configs / "base.yaml").write_text("extends: grandchild.yaml\nseed: 3\n")
-    with pytest.raises(ValueError, match=r"cycle \(.*grandchild\.yaml -> .*child\.yaml -> .*base\.yaml -> .*grandchild\.yaml\)"):
+    cycle = r"cycle \(.*grandchild\.yaml -> .*child\.yaml -> .*base\.yaml -> .*grandchild\.yaml\)"
+    with pytest.raises(ValueError, match=cycle):
         parse_experiment(configs / "grandchild.yaml")
     (configs / "typo.yaml").write_text("extends: child.yaml\nlerning_rate: 0.1\n")
-    with pytest.raises(ValueError, match=r"Unknown option 'lerning_rate' in .*typo\.yaml; did you mean 'learning_rate'"):
+    typo = r"Unknown option 'lerning_rate' in .*typo\.yaml; did you mean 'learning_rate'"
+    with pytest.raises(ValueError, match=typo):
         parse_experiment(configs / "typo.yaml")
     # The CLI reports either as one line, exit status 2.
     for config in ("orphan.yaml", "grandchild.yaml"):
@@ -383,6 +385,48 @@ def test_fine_tuning_converts_a_bart_checkpoint_and_keeps_its_tokenizer(tmp_path
     assert AutoTokenizer.from_pretrained(run / "final").get_vocab() == tokenizer.get_vocab()
     card = ModelCard.load(run / "final" / "README.md")
     assert card.data.base_model == str(tmp_path / "bart")
+
+
+def test_convert_transfer_and_pretraining_are_hf_fusion_commands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from tests.helpers import TINY
+    from training.cli import convert_script, transfer_script
+    from training.tokenizer import train_tokenizer
+
+    BartForConditionalGeneration(BartConfig(**TINY, forced_eos_token_id=None)).save_pretrained(tmp_path / "bart")
+    # Config fields take the syntax of hf-fusion train, typed the same way.
+    assert main(["convert", str(tmp_path / "bart"), str(tmp_path / "fusion"), "--model_config.dropout", "0.2"]) == 0
+    converted = json.loads((tmp_path / "fusion" / "config.json").read_text())
+    assert converted["model_type"] == "fusion_transformer" and converted["dropout"] == 0.2
+    options = [str(tmp_path / "fusion"), str(tmp_path / "shared"), "--sharing_strategy", "recurrent"]
+    assert main(["transfer", *options, "--model_config.dropout=0.3"]) == 0
+    shared = json.loads((tmp_path / "shared" / "config.json").read_text())
+    assert (shared["model_type"], shared["sharing_strategy"]) == ("recurrent_stacking", "recurrent")
+    assert shared["dropout"] == 0.3
+    assert "Converted" in capsys.readouterr().out
+
+    # The old console scripts are the same commands.
+    again = [str(tmp_path / "bart"), str(tmp_path / "again"), "--model_config.dropout", "0.25"]
+    monkeypatch.setattr(sys, "argv", ["hf-fusion-convert", *again])
+    assert convert_script() == 0
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["dropout"] == 0.25
+    monkeypatch.setattr(sys, "argv", ["hf-fusion-transfer", str(tmp_path / "fusion"), str(tmp_path / "student")])
+    assert transfer_script() == 0 and (tmp_path / "student" / "config.json").is_file()
+
+    # Their errors are one line, exit status 2, like every command's.
+    train_tokenizer(["The cat sat on the mat.", "Die Katze saß auf der Matte."], vocab_size=40).save_pretrained(
+        tmp_path / "tokenizer"
+    )
+    (tmp_path / "empty.txt").write_text("\n")
+    pretrain = ["pretrain-e2s2", "--model", "fusion_transformer", "--tokenizer", str(tmp_path / "tokenizer")]
+    assert main([*pretrain, "--train_files", str(tmp_path / "empty.txt"), "--output_dir", str(tmp_path / "e2s2")]) == 2
+    error = capsys.readouterr().err
+    assert "hf-fusion pretrain-e2s2: error:" in error and "no non-empty line" in error and "Traceback" not in error
+    assert main(["no-such-command"]) == 2
+    assert "convert, transfer, pretrain-e2s2" in capsys.readouterr().err
 
 
 def test_loss_terms_and_throughput_are_logged_beside_the_loss(tmp_path: Path) -> None:

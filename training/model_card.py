@@ -147,7 +147,7 @@ def card_facts(
         if key.startswith("best_validation_")
     }
     test_results = [
-        HeldOutScore(metric=metric, value=results[f"{eval_split_name}_{metric}"], split=eval_split_name, num_beams=args.final_num_beams)
+        HeldOutScore(metric, results[f"{eval_split_name}_{metric}"], split=eval_split_name, num_beams=args.final_num_beams)
         for metric in ("bleu", "chrf")
         if eval_split_name and f"{eval_split_name}_{metric}" in results
     ]
