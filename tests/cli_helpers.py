@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
+from training.batching import TokenizedPairs
 from training.corpora import build_default_corpus, missing_packages
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +75,19 @@ def data_overrides(**sizes: int) -> list[str]:
 
 def debug_configs() -> list[Path]:
     return sorted(CONFIG_DIR.glob("*_debug.yaml"))
+
+
+def random_pairs(lengths: list[tuple[int, int]]) -> TokenizedPairs:
+    """Pairs of random token ids with the given (source, target) lengths, ids in [5, 50)."""
+    rng = np.random.default_rng(0)
+    source = [rng.integers(5, 50, n) for n, _ in lengths]
+    target = [rng.integers(5, 50, m) for _, m in lengths]
+
+    def flat(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+        return np.concatenate(rows).astype(np.int32), offsets
+
+    return TokenizedPairs(flat(source), flat(target))
 
 
 @dataclass

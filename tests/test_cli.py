@@ -21,13 +21,22 @@ import transformers
 import yaml
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import hf_fusion  # noqa: F401  (registers the families with the Auto classes)
-from tests.cli_helpers import CONFIG_DIR, REPO_ROOT, RecordingHub, data_overrides, debug_configs, ding_files
+from tests.cli_helpers import (
+    CONFIG_DIR,
+    REPO_ROOT,
+    RecordingHub,
+    data_overrides,
+    debug_configs,
+    ding_files,
+    random_pairs,
+    requires_ding,
+)
 from tests.helpers import run_in_clean_process
 from training.arguments import load_settings, parse_experiment
-from training.batching import LengthBucketBatchSampler, PairCollator, TokenizedPairs, padded_fraction
+from training.batching import PairCollator
 from training.cli import main
 from training.export import check_export
 
@@ -68,6 +77,8 @@ def _generate(folder: Path, sentences: list[str], tmp_path: Path) -> tuple[list[
     return remote, local
 
 
+@pytest.mark.slow
+@requires_ding
 @pytest.mark.parametrize("config", debug_configs(), ids=lambda path: path.stem)
 def test_debug_config_trains_evaluates_exports_and_reloads(
     config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
@@ -113,6 +124,7 @@ def test_debug_config_trains_evaluates_exports_and_reloads(
     assert evaluated["test_chrf"] == pytest.approx(results["test_chrf"], abs=1e-9)
 
 
+@requires_ding
 def test_prepare_data_builds_the_builtin_corpus_and_reports_padding(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -154,6 +166,8 @@ def _train_in_subprocess(options: list[str], kill_after_step: int | None = None)
     )  # fmt: skip
 
 
+@pytest.mark.slow
+@requires_ding
 def test_a_killed_run_resumes_and_matches_the_uninterrupted_run(tmp_path: Path) -> None:
     # 64 training pairs make 3 batches per epoch: the kill at step 4 falls inside the second
     # epoch, so resumption has to restore the epoch's batch order, the position in it, the RNG
@@ -192,6 +206,7 @@ def _write(path: Path, text: str) -> str:
     return str(path)
 
 
+@requires_ding
 @pytest.mark.parametrize(
     "case",
     ["missing_file", "empty_file", "missing_column", "no_validation", "typo", "family", "config_field", "smoothing"],
@@ -294,68 +309,8 @@ def test_every_shipped_config_resolves_to_a_valid_model_config(config: Path) -> 
     assert "extends" not in experiment.settings
 
 
-def _random_pairs(lengths: list[tuple[int, int]]) -> TokenizedPairs:
-    rng = np.random.default_rng(0)
-    source = [rng.integers(5, 50, n) for n, _ in lengths]
-    target = [rng.integers(5, 50, m) for _, m in lengths]
-
-    def flat(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
-        return np.concatenate(rows).astype(np.int32), offsets
-
-    return TokenizedPairs(flat(source), flat(target))
-
-
-def test_length_bucket_batches_cover_every_example_under_the_budget() -> None:
-    rng = np.random.default_rng(1)
-    source_lengths = rng.integers(2, 40, 500)
-    # Translations are about as long as their sources.
-    lengths = [(int(n), max(2, int(n + rng.integers(-3, 4)))) for n in source_lengths]
-    pairs = _random_pairs(lengths)
-    sampler = LengthBucketBatchSampler(pairs.source_lengths, pairs.target_lengths, max_tokens=400, max_rows=32, seed=3)
-    epochs = []
-    for epoch in range(2):
-        sampler.set_epoch(epoch)
-        batches = list(sampler)
-        epochs.append(batches)
-        assert sorted(i for batch in batches for i in batch) == list(range(500))  # each example once
-        for batch in batches:
-            width = max(max(lengths[i]) for i in batch)
-            assert len(batch) <= 32 and len(batch) * width <= 400
-    assert epochs[0] != epochs[1] and sorted(map(tuple, epochs[0])) == sorted(map(tuple, epochs[1]))
-    sampler.set_epoch(0)
-    assert list(sampler) == epochs[0]  # an epoch's order is a function of (seed, epoch): resumable
-    shuffled = np.random.default_rng(0).permutation(500)
-    random_batches = [shuffled[i : i + 32].tolist() for i in range(0, 500, 32)]
-    bucketed = padded_fraction(pairs.source_lengths, pairs.target_lengths, sampler.batches)
-    assert bucketed < 0.5 * padded_fraction(pairs.source_lengths, pairs.target_lengths, random_batches)
-    with pytest.raises(ValueError, match="smaller than the longest example"):
-        LengthBucketBatchSampler(pairs.source_lengths, pairs.target_lengths, max_tokens=20, max_rows=None)
-
-
-def test_pair_collator_matches_datacollator_for_seq2seq() -> None:
-    pairs = _random_pairs([(5, 3), (9, 7), (2, 11)])
-    features = [pairs[i] for i in range(len(pairs))]
-    ours = PairCollator(pad_token_id=1)(features)
-
-    class PadOnly:  # the tokenizer interface DataCollatorForSeq2Seq pads through
-        padding_side = "right"
-        pad_token_id = 1
-        model_input_names = ["input_ids", "attention_mask"]
-
-        def pad(self, features, return_tensors=None, **kwargs):
-            width = max(len(f["input_ids"]) for f in features)
-            ids = [list(f["input_ids"]) + [1] * (width - len(f["input_ids"])) for f in features]
-            mask = [[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in features]
-            return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
-
-    reference = DataCollatorForSeq2Seq(PadOnly(), model=None)(
-        [{"input_ids": f["input_ids"].tolist(), "labels": f["labels"].tolist()} for f in features]
-    )
-    for key in ("input_ids", "attention_mask", "labels"):
-        torch.testing.assert_close(ours[key], reference[key].to(torch.int64), msg=key)
-
-
+@pytest.mark.slow
+@requires_ding
 def test_fine_tuning_converts_a_bart_checkpoint_and_keeps_its_tokenizer(tmp_path: Path) -> None:
     from transformers import BartConfig, BartForConditionalGeneration
 
@@ -444,7 +399,7 @@ def test_loss_terms_and_throughput_are_logged_beside_the_loss(tmp_path: Path) ->
             return output
 
     rng = np.random.default_rng(0)
-    pairs = _random_pairs([(int(rng.integers(3, 9)), int(rng.integers(3, 9))) for _ in range(24)])
+    pairs = random_pairs([(int(rng.integers(3, 9)), int(rng.integers(3, 9))) for _ in range(24)])
     model = TwoTermModel(hf_fusion.FusionTransformerConfig(**{**TINY, "vocab_size": 60}))
     args = Seq2SeqTrainingArguments(
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, logging_steps=1, report_to=[],

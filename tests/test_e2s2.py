@@ -383,6 +383,7 @@ def test_export_of_bart_loads_as_plain_bart(tmp_path, tokenizer):
         torch.testing.assert_close(restored(**batch).loss, wrapper(**batch).loss)
 
 
+@pytest.mark.slow
 def test_export_of_hf_fusion_loads_without_hf_fusion(tmp_path, tokenizer):
     wrapper = E2S2ForPreTraining(tiny_backbone("fusion_transformer")).eval()
     folder = tmp_path / "export"
@@ -442,6 +443,7 @@ def state_dict_of(folder: Path) -> dict[str, torch.Tensor]:
     return E2S2ForPreTraining.from_pretrained(folder).state_dict()
 
 
+@pytest.mark.slow
 def test_cli_trains_logs_every_term_and_resumes_exactly(cli_workspace):
     tmp = cli_workspace
     straight = pretrain_main(cli_args(tmp, "straight", "fusion_transformer", "--max_steps", "8", "--save_steps", "4"))
@@ -477,6 +479,7 @@ def test_cli_trains_logs_every_term_and_resumes_exactly(cli_workspace):
     assert type(plain).__name__ == "FusionTransformerForConditionalGeneration"
 
 
+@pytest.mark.slow
 def test_cli_bart_baseline_then_e2s2_from_a_bart_checkpoint(cli_workspace):
     tmp = cli_workspace
     baseline = pretrain_main(cli_args(tmp, "bart", "bart", "--objective", "bart", "--max_steps", "2"))
