@@ -56,7 +56,7 @@ from hf_fusion import (
     RecurrentStackingForConditionalGeneration,
     transfer_from_pretrained,
 )
-from training.data import build_default_corpus, take_slice
+from training.corpora import build_default_corpus, take_slice
 from training.distill import distill_dataset
 from training.metrics import load_translation_metric
 from training.tokenizer import train_tokenizer
@@ -421,7 +421,7 @@ def markdown(results: dict) -> str:
         "",
         "Produced by `benchmarks/compression.py` (numbers below come from `compression.json`). Corpus: Ding EN->DE",
         (
-            f'example sentences (`training.data.build_default_corpus("{budget["corpus"]}")`), pairs whose English side '
+            f'example sentences (`training.corpora.build_default_corpus("{budget["corpus"]}")`), pairs whose English side '
             f"has at most {budget['max_source_words']} words: {results['data']['train_pairs']} training pairs, the first "
             f"{results['data']['test_pairs']} test pairs; joint unigram tokenizer, {results['data']['vocab_size']} pieces."
         ),

@@ -45,7 +45,7 @@ from hf_fusion import (
     FusionTransformerConfig,
     FusionTransformerForConditionalGeneration,
 )
-from training.data import build_default_corpus
+from training.corpora import build_default_corpus
 from training.tokenizer import train_tokenizer
 
 # The deep models this script can train (the shallow control is added with --control-layers).

@@ -1,7 +1,7 @@
 """Does E2S2 pretraining help a small translation model more than plain BART denoising?
 
 Small-scale, CPU-only comparison on the built-in Ding corpus (English <-> German example
-sentences, ``training.data.build_default_corpus``):
+sentences, ``training.corpora.build_default_corpus``):
 
 1. One joint subword tokenizer on the training split (both languages).
 2. Pretraining on the monolingual text of the training split (English and German sentences mixed,
@@ -45,7 +45,7 @@ from transformers import (  # noqa: E402
 )
 
 from hf_fusion import FusionTransformerConfig, FusionTransformerForConditionalGeneration  # noqa: E402
-from training.data import build_default_corpus  # noqa: E402
+from training.corpora import build_default_corpus  # noqa: E402
 from training.e2s2 import E2S2DataCollator, E2S2ForPreTraining, E2S2Trainer  # noqa: E402
 from training.metrics import load_translation_metric  # noqa: E402
 from training.tokenizer import train_tokenizer  # noqa: E402
@@ -123,7 +123,8 @@ def pretrain(objective: str, tokenizer, texts: datasets.Dataset, args: argparse.
     trainer.train()
     seconds = time.perf_counter() - start
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    keys = [k for k in ("loss", "nll_main", "nll_second", "denoising", "contrastive") if k in logs[-1]]
+    terms = ("nll_main", "nll_second", "denoising", "contrastive")
+    keys = [k for k in ("loss", *(f"loss_terms/{name}" for name in terms)) if k in logs[-1]]
     return backbone, {"seconds": round(seconds, 1), "first_log": {k: logs[0][k] for k in keys}, "last_log": {k: logs[-1][k] for k in keys}}
 
 
@@ -254,7 +255,7 @@ def markdown(report: dict) -> str:
     ]
     for name, row in results.items():
         pre = row["pretrain"]
-        nll = "-" if pre is None else round(pre["last_log"].get("nll_second", pre["last_log"]["loss"]), 3)
+        nll = "-" if pre is None else round(pre["last_log"].get("loss_terms/nll_second", pre["last_log"]["loss"]), 3)
         seconds = "-" if pre is None else pre["seconds"]
         label = {"bart": "BART denoising", "e2s2": "E2S2", "scratch": "none (random init)"}[name]
         lines.append(

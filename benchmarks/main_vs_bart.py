@@ -106,10 +106,10 @@ def main() -> None:
     parser.add_argument("--config", default=str(CONFIG), help="experiment file (a debug config for a smoke test)")
     parser.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    import yaml
+    from training.arguments import load_settings
 
     config = Path(args.config).resolve()
-    minutes = args.minutes if args.minutes is not None else yaml.safe_load(config.read_text())["max_train_minutes"]
+    minutes = args.minutes if args.minutes is not None else load_settings(config)["max_train_minutes"]
     if args.worker:
         worker(args.worker, config, minutes, Path(args.output_dir) / args.worker)
         return

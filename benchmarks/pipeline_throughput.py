@@ -35,7 +35,7 @@ from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTraining
 
 import hf_fusion
 from training.batching import LengthBucketBatchSampler, PairCollator, TokenizedPairs, padded_fraction, tokenize_pairs
-from training.data import build_default_corpus
+from training.corpora import build_default_corpus
 from training.tokenizer import train_tokenizer
 from training.trainer import FusionSeq2SeqTrainer
 

@@ -164,15 +164,24 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``hf-fusion-convert SOURCE OUTPUT [--model_type T] [--set key=value ...]``."""
-    parser = argparse.ArgumentParser(description="Convert a BART/mBART/Marian checkpoint to an hf_fusion model.")
+def main(argv: list[str] | None = None, config_fields: dict[str, Any] | None = None) -> None:
+    """``hf-fusion convert SOURCE OUTPUT [--model_type T] [--model_config.FIELD value ...]``.
+
+    ``hf-fusion`` parses the ``--model_config.FIELD value`` options (one syntax for every command)
+    and passes them as ``config_fields``; ``--set FIELD=VALUE`` is their old spelling, still read.
+    """
+    parser = argparse.ArgumentParser(
+        prog="hf-fusion convert",
+        description="Convert a BART/mBART/Marian checkpoint to an hf_fusion model.",
+        epilog="--model_config.FIELD value: a config field of the converted model, as in hf-fusion train.",
+    )
     parser.add_argument("source", help="local folder or Hub id of the pretrained model")
     parser.add_argument("output_dir", help="folder to write the converted, self-contained checkpoint to")
     parser.add_argument("--model_type", default="fusion_transformer", help="hf_fusion family to build")
-    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="config overrides (JSON values)")
+    parser.add_argument("--set", nargs="*", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    model = convert_from_pretrained(args.source, args.model_type, **parse_overrides(args.set))
+    overrides = {**parse_overrides(args.set), **(config_fields or {})}
+    model = convert_from_pretrained(args.source, args.model_type, **overrides)
     model.save_pretrained(args.output_dir)
     try:
         AutoTokenizer.from_pretrained(args.source).save_pretrained(args.output_dir)

@@ -243,10 +243,13 @@ def _parse_block_source(value: str) -> BlockSource:
         ) from error
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``hf-fusion-transfer TEACHER OUTPUT [--sharing_strategy S] [--encoder_unique_layers M] ...``."""
+def main(argv: list[str] | None = None, config_fields: dict[str, Any] | None = None) -> None:
+    """``hf-fusion transfer TEACHER OUTPUT [--sharing_strategy S] [--encoder_unique_layers M] ...
+    [--model_config.FIELD value ...]``; ``config_fields`` as in :func:`hf_fusion.convert.main`."""
     parser = argparse.ArgumentParser(
-        description="Build a shared-layer hf_fusion model initialised from a trained model (transfer learning)."
+        prog="hf-fusion transfer",
+        description="Build a shared-layer hf_fusion model initialised from a trained model (transfer learning).",
+        epilog="--model_config.FIELD value: a config field of the student, as in hf-fusion train.",
     )
     parser.add_argument("teacher", help="folder or Hub id of the trained model (hf_fusion, BART, mBART or Marian)")
     parser.add_argument("output_dir", help="folder to write the student checkpoint to")
@@ -261,9 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         help="'mean' (default), a teacher layer index, or JSON: a list with one entry per block, "
         'or {"encoder": ..., "decoder": ...}',
     )
-    parser.add_argument(
-        "--set", nargs="*", default=[], metavar="FIELD=VALUE", help="student config overrides (JSON values)"
-    )
+    parser.add_argument("--set", nargs="*", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     model = transfer_from_pretrained(
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         decoder_unique_layers=args.decoder_unique_layers,
         block_source=args.block_source,
         model_type=args.model_type,
-        **parse_overrides(args.set),
+        **{**parse_overrides(args.set), **(config_fields or {})},
     )
     model.save_pretrained(args.output_dir)
     try:

@@ -2,8 +2,12 @@
 
 ``ding_files()`` builds the Ding corpus once per test session (in a temporary cache) and writes a
 few hundred pairs of it as jsonl files, so the CLI tests train on real sentences through the
-local-file path in seconds. ``RecordingHub`` replaces the Hub client that every upload goes
-through (``transformers.utils.hub._hf_api``) and keeps what would have been uploaded;
+local-file path in seconds. Tests that need a built-in corpus carry ``requires_ding`` (or
+``requires_corpus(name)``): without the Debian package installed they are skipped, saying why,
+because fetching the package needs a network the tests must not use.
+
+``RecordingHub`` replaces the Hub client that every upload goes through
+(``transformers.utils.hub._hf_api``) and keeps what would have been uploaded;
 ``publish_to_hf_cache`` lays an upload out as the offline Hub cache, so loading it by repo id
 and revision can be tested without a network.
 """
@@ -19,15 +23,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
+import pytest
+
+from training.batching import TokenizedPairs
+from training.corpora import build_default_corpus, missing_packages
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "training" / "configs"
+
+
+def requires_corpus(name: str) -> pytest.MarkDecorator:
+    """Skip a test unless the Debian packages of built-in corpus ``name`` are installed."""
+    missing = missing_packages(name)
+    return pytest.mark.skipif(
+        bool(missing),
+        reason=f"needs the built-in {name!r} corpus: install its Debian package(s) with "
+        f"`apt-get install -y {' '.join(missing)}` (the tests never download it)",
+    )
+
+
+requires_ding = requires_corpus("ding")
 
 
 @functools.lru_cache(maxsize=None)
 def ding_files(train: int = 320, validation: int = 16, test: int = 16) -> dict[str, Path]:
     """``{"train"|"validation"|"test": jsonl path, "cache_dir": corpus cache}`` of a Ding slice."""
-    from training.data import build_default_corpus
-
     root = Path(tempfile.mkdtemp(prefix="hf_fusion_cli_tests_"))
     corpus = build_default_corpus("ding", cache_dir=root / "corpora")
     files: dict[str, Path] = {"cache_dir": root / "corpora"}
@@ -54,6 +75,19 @@ def data_overrides(**sizes: int) -> list[str]:
 
 def debug_configs() -> list[Path]:
     return sorted(CONFIG_DIR.glob("*_debug.yaml"))
+
+
+def random_pairs(lengths: list[tuple[int, int]]) -> TokenizedPairs:
+    """Pairs of random token ids with the given (source, target) lengths, ids in [5, 50)."""
+    rng = np.random.default_rng(0)
+    source = [rng.integers(5, 50, n) for n, _ in lengths]
+    target = [rng.integers(5, 50, m) for _, m in lengths]
+
+    def flat(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+        return np.concatenate(rows).astype(np.int32), offsets
+
+    return TokenizedPairs(flat(source), flat(target))
 
 
 @dataclass

@@ -18,15 +18,25 @@ import numpy as np
 import pytest
 import torch
 import transformers
+import yaml
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import hf_fusion  # noqa: F401  (registers the families with the Auto classes)
-from tests.cli_helpers import CONFIG_DIR, REPO_ROOT, RecordingHub, data_overrides, debug_configs, ding_files
+from tests.cli_helpers import (
+    CONFIG_DIR,
+    REPO_ROOT,
+    RecordingHub,
+    data_overrides,
+    debug_configs,
+    ding_files,
+    random_pairs,
+    requires_ding,
+)
 from tests.helpers import run_in_clean_process
-from training.arguments import parse_experiment
-from training.batching import LengthBucketBatchSampler, PairCollator, TokenizedPairs, padded_fraction
+from training.arguments import load_settings, parse_experiment
+from training.batching import PairCollator
 from training.cli import main
 from training.export import check_export
 
@@ -67,6 +77,8 @@ def _generate(folder: Path, sentences: list[str], tmp_path: Path) -> tuple[list[
     return remote, local
 
 
+@pytest.mark.slow
+@requires_ding
 @pytest.mark.parametrize("config", debug_configs(), ids=lambda path: path.stem)
 def test_debug_config_trains_evaluates_exports_and_reloads(
     config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
@@ -112,6 +124,7 @@ def test_debug_config_trains_evaluates_exports_and_reloads(
     assert evaluated["test_chrf"] == pytest.approx(results["test_chrf"], abs=1e-9)
 
 
+@requires_ding
 def test_prepare_data_builds_the_builtin_corpus_and_reports_padding(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -153,6 +166,8 @@ def _train_in_subprocess(options: list[str], kill_after_step: int | None = None)
     )  # fmt: skip
 
 
+@pytest.mark.slow
+@requires_ding
 def test_a_killed_run_resumes_and_matches_the_uninterrupted_run(tmp_path: Path) -> None:
     # 64 training pairs make 3 batches per epoch: the kill at step 4 falls inside the second
     # epoch, so resumption has to restore the epoch's batch order, the position in it, the RNG
@@ -191,6 +206,7 @@ def _write(path: Path, text: str) -> str:
     return str(path)
 
 
+@requires_ding
 @pytest.mark.parametrize(
     "case",
     ["missing_file", "empty_file", "missing_column", "no_validation", "typo", "family", "config_field", "smoothing"],
@@ -242,70 +258,60 @@ def test_yaml_options_and_command_line_overrides(tmp_path: Path) -> None:
         parse_experiment(path)
 
 
-def _random_pairs(lengths: list[tuple[int, int]]) -> TokenizedPairs:
-    rng = np.random.default_rng(0)
-    source = [rng.integers(5, 50, n) for n, _ in lengths]
-    target = [rng.integers(5, 50, m) for _, m in lengths]
-
-    def flat(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
-        return np.concatenate(rows).astype(np.int32), offsets
-
-    return TokenizedPairs(flat(source), flat(target))
-
-
-def test_length_bucket_batches_cover_every_example_under_the_budget() -> None:
-    rng = np.random.default_rng(1)
-    source_lengths = rng.integers(2, 40, 500)
-    # Translations are about as long as their sources.
-    lengths = [(int(n), max(2, int(n + rng.integers(-3, 4)))) for n in source_lengths]
-    pairs = _random_pairs(lengths)
-    sampler = LengthBucketBatchSampler(pairs.source_lengths, pairs.target_lengths, max_tokens=400, max_rows=32, seed=3)
-    epochs = []
-    for epoch in range(2):
-        sampler.set_epoch(epoch)
-        batches = list(sampler)
-        epochs.append(batches)
-        assert sorted(i for batch in batches for i in batch) == list(range(500))  # each example once
-        for batch in batches:
-            width = max(max(lengths[i]) for i in batch)
-            assert len(batch) <= 32 and len(batch) * width <= 400
-    assert epochs[0] != epochs[1] and sorted(map(tuple, epochs[0])) == sorted(map(tuple, epochs[1]))
-    sampler.set_epoch(0)
-    assert list(sampler) == epochs[0]  # an epoch's order is a function of (seed, epoch): resumable
-    shuffled = np.random.default_rng(0).permutation(500)
-    random_batches = [shuffled[i : i + 32].tolist() for i in range(0, 500, 32)]
-    bucketed = padded_fraction(pairs.source_lengths, pairs.target_lengths, sampler.batches)
-    assert bucketed < 0.5 * padded_fraction(pairs.source_lengths, pairs.target_lengths, random_batches)
-    with pytest.raises(ValueError, match="smaller than the longest example"):
-        LengthBucketBatchSampler(pairs.source_lengths, pairs.target_lengths, max_tokens=20, max_rows=None)
-
-
-def test_pair_collator_matches_datacollator_for_seq2seq() -> None:
-    pairs = _random_pairs([(5, 3), (9, 7), (2, 11)])
-    features = [pairs[i] for i in range(len(pairs))]
-    ours = PairCollator(pad_token_id=1)(features)
-
-    class PadOnly:  # the tokenizer interface DataCollatorForSeq2Seq pads through
-        padding_side = "right"
-        pad_token_id = 1
-        model_input_names = ["input_ids", "attention_mask"]
-
-        def pad(self, features, return_tensors=None, **kwargs):
-            width = max(len(f["input_ids"]) for f in features)
-            ids = [list(f["input_ids"]) + [1] * (width - len(f["input_ids"])) for f in features]
-            mask = [[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in features]
-            return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
-
-    reference = DataCollatorForSeq2Seq(PadOnly(), model=None)(
-        [{"input_ids": f["input_ids"].tolist(), "labels": f["labels"].tolist()} for f in features]
+def test_a_config_extends_a_base_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    configs = tmp_path / "configs"  # bases resolve relative to the file, not the working directory
+    configs.mkdir()
+    (configs / "base.yaml").write_text(
+        "output_dir: base\nlearning_rate: 0.001\nseed: 3\nmodel_config:\n  d_model: 64\n  dropout: 0.1\n"
     )
-    for key in ("input_ids", "attention_mask", "labels"):
-        torch.testing.assert_close(ours[key], reference[key].to(torch.int64), msg=key)
+    (configs / "child.yaml").write_text(
+        "extends: base.yaml\nlearning_rate: 0.002\nmodel_config:\n  dropout: 0.3\n  encoder_layers: 2\n"
+    )
+    (configs / "grandchild.yaml").write_text("extends: child.yaml\noutput_dir: grand\n")
+    experiment = parse_experiment(configs / "grandchild.yaml", ["--model_config.d_model", "32"])
+    assert experiment.training.learning_rate == 0.002  # the child overrides its base
+    assert experiment.training.seed == 3 and experiment.training.output_dir == "grand"
+    # model_config merges field by field, through the whole chain, and the command line still wins.
+    assert experiment.model.model_config == {"d_model": 32, "dropout": 0.3, "encoder_layers": 2}
+
+    # experiment.yaml holds the resolved settings: it reproduces the run on its own, anywhere.
+    recorded = yaml.safe_load(experiment.to_yaml())
+    assert "extends" not in recorded and recorded["seed"] == 3 and recorded["learning_rate"] == 0.002
+    (tmp_path / "experiment.yaml").write_text(experiment.to_yaml())
+    again = parse_experiment(tmp_path / "experiment.yaml")
+    assert again.settings == experiment.settings and again.model.model_config == experiment.model.model_config
+
+    (configs / "orphan.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(FileNotFoundError, match=r"orphan\.yaml extends .*nowhere\.yaml.*does not exist"):
+        parse_experiment(configs / "orphan.yaml")
+    (configs / "base.yaml").write_text("extends: grandchild.yaml\nseed: 3\n")
+    cycle = r"cycle \(.*grandchild\.yaml -> .*child\.yaml -> .*base\.yaml -> .*grandchild\.yaml\)"
+    with pytest.raises(ValueError, match=cycle):
+        parse_experiment(configs / "grandchild.yaml")
+    (configs / "typo.yaml").write_text("extends: child.yaml\nlerning_rate: 0.1\n")
+    typo = r"Unknown option 'lerning_rate' in .*typo\.yaml; did you mean 'learning_rate'"
+    with pytest.raises(ValueError, match=typo):
+        parse_experiment(configs / "typo.yaml")
+    # The CLI reports either as one line, exit status 2.
+    for config in ("orphan.yaml", "grandchild.yaml"):
+        assert main(["train", str(configs / config)]) == 2
+        error = capsys.readouterr().err
+        assert len(error.strip().splitlines()) == 1 and "Traceback" not in error
 
 
+@pytest.mark.parametrize("config", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda path: path.stem)
+def test_every_shipped_config_resolves_to_a_valid_model_config(config: Path) -> None:
+    from transformers import AutoConfig
+
+    experiment = parse_experiment(config)
+    model = experiment.model
+    AutoConfig.for_model(model.model_type, **{"vocab_size": 100, **model.model_config})
+    assert "extends" not in experiment.settings
+
+
+@pytest.mark.slow
+@requires_ding
 def test_fine_tuning_converts_a_bart_checkpoint_and_keeps_its_tokenizer(tmp_path: Path) -> None:
-    import yaml
     from transformers import BartConfig, BartForConditionalGeneration
 
     from training.tokenizer import train_tokenizer
@@ -321,7 +327,7 @@ def test_fine_tuning_converts_a_bart_checkpoint_and_keeps_its_tokenizer(tmp_path
     )  # fmt: skip
     bart.save_pretrained(tmp_path / "bart")
     tokenizer.save_pretrained(tmp_path / "bart")
-    settings = yaml.safe_load((CONFIG_DIR / "fusion_transformer_debug.yaml").read_text())
+    settings = load_settings(CONFIG_DIR / "fusion_transformer_debug.yaml")
     settings["model_config"] = {"dropout": 0.2}  # a fine-tuning config overrides, it does not size
     settings["model_name_or_path"] = str(tmp_path / "bart")
     (tmp_path / "finetune.yaml").write_text(yaml.safe_dump(settings))
@@ -334,6 +340,48 @@ def test_fine_tuning_converts_a_bart_checkpoint_and_keeps_its_tokenizer(tmp_path
     assert AutoTokenizer.from_pretrained(run / "final").get_vocab() == tokenizer.get_vocab()
     card = ModelCard.load(run / "final" / "README.md")
     assert card.data.base_model == str(tmp_path / "bart")
+
+
+def test_convert_transfer_and_pretraining_are_hf_fusion_commands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from tests.helpers import TINY
+    from training.cli import convert_script, transfer_script
+    from training.tokenizer import train_tokenizer
+
+    BartForConditionalGeneration(BartConfig(**TINY, forced_eos_token_id=None)).save_pretrained(tmp_path / "bart")
+    # Config fields take the syntax of hf-fusion train, typed the same way.
+    assert main(["convert", str(tmp_path / "bart"), str(tmp_path / "fusion"), "--model_config.dropout", "0.2"]) == 0
+    converted = json.loads((tmp_path / "fusion" / "config.json").read_text())
+    assert converted["model_type"] == "fusion_transformer" and converted["dropout"] == 0.2
+    options = [str(tmp_path / "fusion"), str(tmp_path / "shared"), "--sharing_strategy", "recurrent"]
+    assert main(["transfer", *options, "--model_config.dropout=0.3"]) == 0
+    shared = json.loads((tmp_path / "shared" / "config.json").read_text())
+    assert (shared["model_type"], shared["sharing_strategy"]) == ("recurrent_stacking", "recurrent")
+    assert shared["dropout"] == 0.3
+    assert "Converted" in capsys.readouterr().out
+
+    # The old console scripts are the same commands.
+    again = [str(tmp_path / "bart"), str(tmp_path / "again"), "--model_config.dropout", "0.25"]
+    monkeypatch.setattr(sys, "argv", ["hf-fusion-convert", *again])
+    assert convert_script() == 0
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["dropout"] == 0.25
+    monkeypatch.setattr(sys, "argv", ["hf-fusion-transfer", str(tmp_path / "fusion"), str(tmp_path / "student")])
+    assert transfer_script() == 0 and (tmp_path / "student" / "config.json").is_file()
+
+    # Their errors are one line, exit status 2, like every command's.
+    train_tokenizer(["The cat sat on the mat.", "Die Katze saß auf der Matte."], vocab_size=40).save_pretrained(
+        tmp_path / "tokenizer"
+    )
+    (tmp_path / "empty.txt").write_text("\n")
+    pretrain = ["pretrain-e2s2", "--model", "fusion_transformer", "--tokenizer", str(tmp_path / "tokenizer")]
+    assert main([*pretrain, "--train_files", str(tmp_path / "empty.txt"), "--output_dir", str(tmp_path / "e2s2")]) == 2
+    error = capsys.readouterr().err
+    assert "hf-fusion pretrain-e2s2: error:" in error and "no non-empty line" in error and "Traceback" not in error
+    assert main(["no-such-command"]) == 2
+    assert "convert, transfer, pretrain-e2s2" in capsys.readouterr().err
 
 
 def test_loss_terms_and_throughput_are_logged_beside_the_loss(tmp_path: Path) -> None:
@@ -351,7 +399,7 @@ def test_loss_terms_and_throughput_are_logged_beside_the_loss(tmp_path: Path) ->
             return output
 
     rng = np.random.default_rng(0)
-    pairs = _random_pairs([(int(rng.integers(3, 9)), int(rng.integers(3, 9))) for _ in range(24)])
+    pairs = random_pairs([(int(rng.integers(3, 9)), int(rng.integers(3, 9))) for _ in range(24)])
     model = TwoTermModel(hf_fusion.FusionTransformerConfig(**{**TINY, "vocab_size": 60}))
     args = Seq2SeqTrainingArguments(
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, logging_steps=1, report_to=[],

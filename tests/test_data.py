@@ -1,7 +1,7 @@
 """Corpora: the built-in Ding corpus (real Debian package) and user data from local files.
 
-The Ding tests need the Debian package ``trans-de-en``: installed (``apt-get install -y
-trans-de-en``) or downloadable with ``apt-get download``. Nothing here touches the Hub: the Hub
+The Ding tests need the Debian package ``trans-de-en`` installed (``apt-get install -y
+trans-de-en``) and are skipped without it (``requires_ding``). Nothing here touches the Hub: the Hub
 code path of ``load_parallel_data`` is exercised through a local dataset folder, which
 ``datasets.load_dataset`` treats exactly like a Hub repository.
 """
@@ -16,20 +16,21 @@ from pathlib import Path
 import datasets
 import pytest
 
-from training.data import (
+from tests.cli_helpers import requires_ding
+from training.corpora import (
     SPLITS,
     build_default_corpus,
     corpus_statistics,
     default_cache_root,
     fetch_debian_package,
     main,
-    load_parallel_data,
     normalize_for_dedup,
     read_ding_pairs,
     read_libreoffice_pairs,
     split_pairs,
     take_slice,
 )
+from training.data import load_parallel_data
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,7 @@ def _rows(dataset: datasets.Dataset) -> list[tuple[str, str]]:
 # ------------------------------------------------------------------------------------------------
 
 
+@requires_ding
 def test_ding_splits_have_expected_shape(ding: datasets.DatasetDict) -> None:
     assert list(ding) == list(SPLITS)
     assert len(ding["validation"]) == 1000 and len(ding["test"]) == 1000
@@ -64,6 +66,7 @@ def test_ding_splits_have_expected_shape(ding: datasets.DatasetDict) -> None:
         assert ding[split].info.license == "GPL-2.0-or-later"
 
 
+@requires_ding
 def test_ding_pairs_are_clean_sentences(ding: datasets.DatasetDict) -> None:
     markup = re.compile(r"[{}\[\]|/()…]| :: |\b(?:sth|sb|etw|jdn|jdm)\.")
     for split in SPLITS:
@@ -78,6 +81,7 @@ def test_ding_pairs_are_clean_sentences(ding: datasets.DatasetDict) -> None:
     assert ("Eventually the river flows into the sea.", "Der Fluss mündet schließlich ins Meer.") in everything
 
 
+@requires_ding
 def test_ding_splits_are_disjoint_and_deduplicated(ding: datasets.DatasetDict) -> None:
     normalised = {split: [normalize_for_dedup(source) for source in ding[split]["source"]] for split in SPLITS}
     for split in SPLITS:
@@ -87,6 +91,7 @@ def test_ding_splits_are_disjoint_and_deduplicated(ding: datasets.DatasetDict) -
     assert not set(normalised["validation"]) & set(normalised["test"])
 
 
+@requires_ding
 def test_ding_build_is_deterministic_and_cached(ding: datasets.DatasetDict, corpus_root: Path) -> None:
     # Served from the cache: fast and identical.
     start = time.perf_counter()
@@ -105,6 +110,7 @@ def test_ding_build_is_deterministic_and_cached(ding: datasets.DatasetDict, corp
     assert info["packages"]["trans-de-en"]
 
 
+@requires_ding
 def test_ding_subset_is_a_prefix_of_the_split_ranking(ding: datasets.DatasetDict, corpus_root: Path) -> None:
     """max_pairs keeps the first ranks of the same ordering (test, then validation, then train)."""
     small = build_default_corpus("ding", cache_dir=corpus_root, max_pairs=1500, validation_size=100, test_size=50)
@@ -128,6 +134,7 @@ def test_split_pairs_dedups_before_ranking_and_honours_the_seed() -> None:
         split_pairs(pairs, validation_size=20, test_size=20)
 
 
+@requires_ding
 def test_slice_statistics_and_command(ding: datasets.DatasetDict, corpus_root: Path, capsys) -> None:
     small = take_slice(ding, n_train=40, n_eval=7)
     assert {split: len(small[split]) for split in SPLITS} == {"train": 40, "validation": 7, "test": 7}
@@ -158,7 +165,7 @@ def test_cache_root_and_missing_apt(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("HF_FUSION_DATA")
     assert default_cache_root() == Path.home() / ".cache" / "hf_fusion" / "corpora"
     # Without Debian tools the error says what to use instead.
-    monkeypatch.setattr("training.data.shutil.which", lambda name: None)
+    monkeypatch.setattr("training.corpora.shutil.which", lambda name: None)
     with pytest.raises(RuntimeError, match=r"apt-get/dpkg-deb are not available.*load_parallel_data\(train_file="):
         fetch_debian_package("trans-de-en", "usr/share/no/such/file", tmp_path)
 
@@ -337,12 +344,14 @@ def test_load_parallel_data_error_messages(tmp_path: Path) -> None:
         load_parallel_data(train_file=good, validation_file=tsv, source_lang="en", target_lang="de")
 
 
+@requires_ding
 def test_builtin_corpus_name_goes_through_load_parallel_data(ding: datasets.DatasetDict, corpus_root: Path) -> None:
     data = load_parallel_data(dataset_name="ding", cache_dir=corpus_root)
     for split in SPLITS:
         assert _rows(data[split]) == _rows(ding[split])
 
 
+@requires_ding
 def test_joint_tokenizer_on_real_ding_text(ding: datasets.DatasetDict) -> None:
     """A joint vocabulary trained on both sides of train covers held-out text of both languages."""
     import itertools

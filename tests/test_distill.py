@@ -94,6 +94,7 @@ def test_teacher_translations_equal_one_by_one_generation(tokenizer, tmp_path) -
     assert len(set(targets)) > 1  # the check is not vacuous
 
 
+@pytest.mark.slow
 def test_translations_are_cached_by_teacher_data_and_settings(tokenizer, tmp_path, monkeypatch) -> None:
     teacher = make_model(len(tokenizer), seed=1)
     kwargs = {"batch_size": 2, "generation_kwargs": {"num_beams": 2, "max_new_tokens": 5}, "show_progress": False}
@@ -117,6 +118,7 @@ def test_translations_are_cached_by_teacher_data_and_settings(tokenizer, tmp_pat
     assert len(list(tmp_path.glob("seqkd-*.jsonl"))) == 4
 
 
+@pytest.mark.slow
 def test_interrupted_translation_resumes(tokenizer, tmp_path, monkeypatch) -> None:
     teacher = make_model(len(tokenizer), seed=2)
     kwargs = {"batch_size": 2, "generation_kwargs": {"num_beams": 2, "max_new_tokens": 5}, "show_progress": False}

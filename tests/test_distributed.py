@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_helpers import CONFIG_DIR, REPO_ROOT, data_overrides, ding_files
+from tests.cli_helpers import CONFIG_DIR, REPO_ROOT, data_overrides, ding_files, requires_ding
 from training.batching import LengthBucketBatchSampler, TokenizedPairs, tokenize_pairs
 from training.data import load_parallel_data
 from training.export import check_export
@@ -25,6 +25,8 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
+@requires_ding
 def test_two_cpu_processes_share_the_batches_and_export_once(tmp_path: Path) -> None:
     run = tmp_path / "run"
     max_steps = 4

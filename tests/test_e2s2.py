@@ -22,7 +22,7 @@ from training.e2s2 import (
     masked_mean_pool,
     poisson_span_mask,
 )
-from training.pretrain_e2s2 import pretrain as pretrain_main
+from training.e2s2.pretrain import pretrain as pretrain_main
 from training.tokenizer import train_tokenizer
 
 WORDS = (
@@ -383,6 +383,7 @@ def test_export_of_bart_loads_as_plain_bart(tmp_path, tokenizer):
         torch.testing.assert_close(restored(**batch).loss, wrapper(**batch).loss)
 
 
+@pytest.mark.slow
 def test_export_of_hf_fusion_loads_without_hf_fusion(tmp_path, tokenizer):
     wrapper = E2S2ForPreTraining(tiny_backbone("fusion_transformer")).eval()
     folder = tmp_path / "export"
@@ -412,7 +413,7 @@ def test_export_of_hf_fusion_loads_without_hf_fusion(tmp_path, tokenizer):
 
 
 def cli_args(tmp_path: Path, output: str, model: str, *extra: str) -> list[str]:
-    sizes = ",".join(f"{k}={v}" for k, v in TINY.items() if k != "vocab_size")
+    sizes = [option for k, v in TINY.items() if k != "vocab_size" for option in (f"--model_config.{k}", str(v))]
     return [
         "--model", model,
         "--tokenizer", str(tmp_path / "tokenizer"),
@@ -425,7 +426,7 @@ def cli_args(tmp_path: Path, output: str, model: str, *extra: str) -> list[str]:
         "--report_to", "none",
         "--use_cpu",
         "--seed", "0",
-        *([] if Path(model).exists() else ["--config_overrides", sizes]),
+        *([] if Path(model).exists() else sizes),
         *extra,
     ]  # fmt: skip
 
@@ -442,13 +443,15 @@ def state_dict_of(folder: Path) -> dict[str, torch.Tensor]:
     return E2S2ForPreTraining.from_pretrained(folder).state_dict()
 
 
+@pytest.mark.slow
 def test_cli_trains_logs_every_term_and_resumes_exactly(cli_workspace):
     tmp = cli_workspace
     straight = pretrain_main(cli_args(tmp, "straight", "fusion_transformer", "--max_steps", "8", "--save_steps", "4"))
     logged = [entry for entry in straight.state.log_history if "loss" in entry]
     assert len(logged) == 8
+    terms = [f"loss_terms/{name}" for name in ("nll_main", "nll_second", "denoising", "contrastive")]
     for entry in logged:
-        assert {"nll_main", "nll_second", "denoising", "contrastive"} <= set(entry)
+        assert set(terms) <= set(entry)
     # 24 usable lines / batch 4 = 6 steps per epoch: the run crosses an epoch boundary.
     assert straight.state.epoch > 1
 
@@ -464,7 +467,7 @@ def test_cli_trains_logs_every_term_and_resumes_exactly(cli_workspace):
     again = [e for e in resumed.state.log_history if "loss" in e and e["step"] > 4]
     assert [e["step"] for e in again] == [5, 6, 7, 8]
     for entry, expected_entry in zip(again, after):
-        for key in ("loss", "nll_main", "nll_second", "denoising", "contrastive"):
+        for key in ("loss", *terms):
             assert entry[key] == pytest.approx(expected_entry[key], abs=1e-4), (entry["step"], key)
     expected, actual = state_dict_of(tmp / "straight"), state_dict_of(tmp / "resumed")
     assert expected.keys() == actual.keys()
@@ -476,14 +479,15 @@ def test_cli_trains_logs_every_term_and_resumes_exactly(cli_workspace):
     assert type(plain).__name__ == "FusionTransformerForConditionalGeneration"
 
 
+@pytest.mark.slow
 def test_cli_bart_baseline_then_e2s2_from_a_bart_checkpoint(cli_workspace):
     tmp = cli_workspace
     baseline = pretrain_main(cli_args(tmp, "bart", "bart", "--objective", "bart", "--max_steps", "2"))
-    assert "denoising" not in baseline.state.log_history[0]
+    assert "loss_terms/denoising" not in baseline.state.log_history[0]
     assert isinstance(AutoModelForSeq2SeqLM.from_pretrained(tmp / "bart"), BartForConditionalGeneration)
 
     continued = pretrain_main(cli_args(tmp, "bart_e2s2", str(tmp / "bart"), "--max_steps", "2"))
-    assert "contrastive" in continued.state.log_history[0]
+    assert "loss_terms/contrastive" in continued.state.log_history[0]
     assert isinstance(AutoModelForSeq2SeqLM.from_pretrained(tmp / "bart_e2s2"), BartForConditionalGeneration)
     assert (tmp / "bart_e2s2" / HEADS_WEIGHTS_NAME).is_file()
 

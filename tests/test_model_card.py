@@ -117,6 +117,7 @@ def _tiny_export(folder: Path) -> tuple[torch.nn.Module, Path]:
     return model, export_model(model, tokenizer, folder, card)
 
 
+@pytest.mark.slow
 def test_push_uploads_a_folder_that_loads_by_repo_id_and_pinned_revision(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

@@ -2,9 +2,12 @@
 
 An experiment is three ``HfArgumentParser`` dataclasses (model, data, training) filled from a YAML
 file whose top-level keys are their fields, plus a ``model_config:`` mapping of config fields of
-the model family. On the command line ``--key value`` overrides a YAML key and
-``--model_config.FIELD value`` overrides (or adds) a config field, so a sweep never needs a copy
-of the YAML. Unknown keys fail with the closest known name.
+the model family. A file may start from another with ``extends: BASE.yaml`` (a path relative to
+the file): its keys override the base's, and ``model_config`` is merged field by field, so the
+shipped configs state only what differs. On the command line ``--key value`` overrides a YAML key
+and ``--model_config.FIELD value`` overrides (or adds) a config field, so a sweep never needs a
+copy of the YAML. Unknown keys fail with the closest known name. The resolved settings (bases
+merged, overrides applied) are what ``experiment.yaml`` records.
 
 Adding a model family needs no code here: its YAML names its ``model_type`` and config fields,
 which go to ``AutoConfig.for_model(model_type, **model_config)``.
@@ -25,7 +28,10 @@ import torch
 import yaml
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
+import hf_fusion
+
 MODEL_CONFIG_KEY = "model_config"
+EXTENDS_KEY = "extends"
 
 
 @dataclass
@@ -53,6 +59,20 @@ class ModelArguments:
     # Config fields of the family; filled from the YAML mapping and --model_config.FIELD options
     # (not an argparse option itself: argparse cannot type a mapping).
     model_config: dict[str, Any] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        # A family typo fails here, before any data work; config fields are checked when the
+        # config is built (once, sized to the tokenizer).
+        if self.model_name_or_path is None and self.model_type not in hf_fusion.MODEL_FAMILIES:
+            raise ValueError(
+                f"model_type={self.model_type!r} is not an hf_fusion family; allowed: "
+                f"{', '.join(hf_fusion.MODEL_FAMILIES)}."
+            )
+
+    @property
+    def trains_tokenizer(self) -> bool:
+        """Whether the run trains its tokenizer (no tokenizer or checkpoint to take one from)."""
+        return not (self.tokenizer_name_or_path or self.model_name_or_path)
 
 
 @dataclass
@@ -83,6 +103,10 @@ class DataArguments:
         default=8000, metadata={"help": "Vocabulary size of a tokenizer trained on the training data."}
     )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+
+    def __post_init__(self) -> None:
+        if self.train_file or self.validation_file or self.test_file:
+            self.dataset = None  # local files replace the corpus (see the help of ``dataset``)
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -171,8 +195,14 @@ class Experiment:
     training: FusionTrainingArguments
     settings: dict[str, Any]
 
+    @property
+    def generation_max_length(self) -> int:
+        """Longest generated sequence: ``generation_max_length``, else the longest target."""
+        return self.training.generation_max_length or self.data.max_target_length
+
     def to_yaml(self) -> str:
-        """The YAML file that reproduces this run (the config file with the overrides applied)."""
+        """The YAML file that reproduces this run: the config file with its ``extends`` chain
+        resolved and the overrides applied (so it stands alone, next to the exported model)."""
         return yaml.safe_dump(self.settings, sort_keys=False, allow_unicode=True)
 
 
@@ -195,27 +225,62 @@ def _parse_value(text: str) -> Any:
 
 
 def load_settings(config_path: str | Path | None) -> dict[str, Any]:
-    """Read an experiment YAML file (a mapping of argument names to values)."""
+    """Read an experiment YAML file (a mapping of argument names to values) with its ``extends``
+    chain resolved: the settings the run uses, without an ``extends`` key."""
     if config_path is None:
         return {}
-    path = Path(config_path)
+    return _resolve_extends(Path(config_path), ())
+
+
+def merge_settings(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``: its keys win, and its ``model_config`` fields win field by field
+    (so a family config adds its one field to the base model's sizes)."""
+    merged = {**base, **child}
+    if MODEL_CONFIG_KEY in base and MODEL_CONFIG_KEY in child:
+        merged[MODEL_CONFIG_KEY] = {**(base[MODEL_CONFIG_KEY] or {}), **(child[MODEL_CONFIG_KEY] or {})}
+    return merged
+
+
+def _resolve_extends(path: Path, extended_by: tuple[Path, ...]) -> dict[str, Any]:
+    """The settings of ``path`` merged over those of its base; ``extended_by`` is the chain of
+    files that led here (to name it in errors and to refuse a cycle)."""
     if not path.is_file():
+        if extended_by:
+            raise FileNotFoundError(f"{extended_by[-1]} extends {str(path)!r}, which does not exist.")
         raise FileNotFoundError(f"Experiment config {str(path)!r} does not exist.")
+    settings = _read_settings(path)
+    base_name = settings.pop(EXTENDS_KEY, None)
+    if base_name is None:
+        return settings
+    if not isinstance(base_name, str):
+        raise ValueError(f"{path}: {EXTENDS_KEY} must be the path of one YAML file (relative to {path.parent}).")
+    base = path.parent / base_name
+    chain = (*extended_by, path)
+    if base.resolve() in {link.resolve() for link in chain}:
+        cycle = " -> ".join(str(link) for link in (*chain, base))
+        raise ValueError(f"{path}: {EXTENDS_KEY} makes a cycle ({cycle}); a base cannot extend its own child.")
+    return merge_settings(_resolve_extends(base, chain), settings)
+
+
+def _read_settings(path: Path) -> dict[str, Any]:
+    """One YAML file's own keys, checked (names known, ``model_config`` a mapping)."""
     settings = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(settings, dict):
         raise ValueError(f"{path} must hold a mapping of option names to values, not {type(settings).__name__}.")
     for key in settings:
-        if key not in _known_fields():
+        if key not in _known_fields() and key != EXTENDS_KEY:
             raise _unknown_key_error(key, str(path))
     if not isinstance(settings.get(MODEL_CONFIG_KEY, {}) or {}, dict):
         raise ValueError(f"{path}: {MODEL_CONFIG_KEY} must be a mapping of config fields to values.")
     return settings
 
 
-def _split_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any], list[str]]:
-    """Separate ``--model_config.FIELD value`` pairs from the dataclass options.
+def split_config_options(argv: list[str]) -> tuple[list[str], dict[str, Any], list[str]]:
+    """Separate ``--model_config.FIELD value`` (or ``=value``) pairs from the other options: the
+    one config-field syntax of every ``hf-fusion`` command that builds a model.
 
-    Returns the dataclass options, the config overrides and the option names given (for the record).
+    Returns the other options, the config fields (values typed as YAML types them) and the option
+    names given (for the record).
     """
     options, config_overrides, given = [], {}, []
     position = 0
@@ -249,7 +314,8 @@ def parse_experiment(config_path: str | Path | None, argv: list[str] | None = No
 
     Args:
         config_path: Experiment YAML (top-level keys: dataclass fields; ``model_config``: config
-            fields of the model family), or None for command-line options only.
+            fields of the model family; ``extends``: a base file), or None for command-line
+            options only.
         argv: Overrides, ``--key value`` / ``--key=value`` / ``--model_config.FIELD value``.
 
     Raises:
@@ -258,7 +324,7 @@ def parse_experiment(config_path: str | Path | None, argv: list[str] | None = No
     settings = load_settings(config_path)
     model_config = dict(settings.get(MODEL_CONFIG_KEY) or {})
     defaults = {key: value for key, value in settings.items() if key != MODEL_CONFIG_KEY}
-    options, config_overrides, given = _split_overrides(list(argv or []))
+    options, config_overrides, given = split_config_options(list(argv or []))
 
     parser = HfArgumentParser(ARGUMENT_CLASSES, exit_on_error=False, allow_abbrev=False)
     parser.set_defaults(**defaults)

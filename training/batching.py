@@ -231,14 +231,6 @@ class PairCollator:
         return batch
 
 
-def count_real_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Non-pad source + target tokens of a collated batch (the throughput unit of the benchmarks)."""
-    count = int(batch["attention_mask"].sum())
-    if "labels" in batch:
-        count += int((batch["labels"] != LABEL_PAD).sum())
-    return count
-
-
 def padded_fraction(source_lengths: np.ndarray, target_lengths: np.ndarray, batches: list[list[int]]) -> float:
     """Fraction of the source + target positions of ``batches`` that are padding (each side is
     padded to its longest row in the batch)."""

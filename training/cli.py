@@ -1,16 +1,23 @@
-"""``hf-fusion``: train, evaluate and publish hf_fusion translation models.
+"""``hf-fusion``: train, evaluate and publish hf_fusion translation models, and build models from
+other checkpoints.
 
     hf-fusion train CONFIG.yaml [--key value ...] [--model_config.FIELD value ...]
     hf-fusion evaluate MODEL_FOLDER [--split test] [--key value ...]
     hf-fusion prepare-data CONFIG.yaml [--key value ...]
     hf-fusion push MODEL_FOLDER --repo_id NAMESPACE/NAME [--revision BRANCH] [--private]
     hf-fusion refresh-code MODEL_FOLDER
+    hf-fusion convert SOURCE OUTPUT_DIR [--model_type T] [--model_config.FIELD value ...]
+    hf-fusion transfer TEACHER OUTPUT_DIR [--sharing_strategy S] [...] [--model_config.FIELD value ...]
+    hf-fusion pretrain-e2s2 --model M --tokenizer TOK --train_files F ... [--key value ...]
+        [--model_config.FIELD value ...]
 
 ``CONFIG.yaml`` is an experiment file (see ``training/configs/``); ``--key value`` overrides any of
-its keys, ``hf-fusion train --help`` lists them all. Multi-process training:
+its keys, ``hf-fusion train --help`` lists them all; ``--model_config.FIELD value`` sets a config
+field of the model, in every command that builds one. Multi-process training:
 ``torchrun --nproc_per_node N -m training.cli train CONFIG.yaml`` (CPU processes use gloo).
 Errors in the data or the options are reported as one line, exit status 2
-(``HF_FUSION_TRACEBACK=1`` shows the traceback).
+(``HF_FUSION_TRACEBACK=1`` shows the traceback). ``hf-fusion-convert``, ``hf-fusion-transfer``
+and ``hf-fusion-pretrain-e2s2`` are the same commands under their old names.
 """
 
 from __future__ import annotations
@@ -19,16 +26,18 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from .arguments import ARGUMENT_CLASSES, Experiment, parse_experiment
+from .arguments import ARGUMENT_CLASSES, Experiment, parse_experiment, split_config_options
 
 logger = logging.getLogger("training")
 
-COMMANDS = ("train", "evaluate", "prepare-data", "push", "refresh-code")
 USAGE = __doc__.split("\n\n")[1]
+# Commands whose options are the experiment's (HfArgumentParser): their --help is the experiment help.
+EXPERIMENT_COMMANDS = ("train", "evaluate", "prepare-data")
 
 
 def _setup_logging(experiment: Experiment | None = None) -> None:
@@ -173,12 +182,38 @@ def command_refresh_code(argv: list[str]) -> int:
     return 0
 
 
-HANDLERS = {
+def command_convert(argv: list[str]) -> int:
+    from hf_fusion.convert import main as convert
+
+    options, config_fields, _ = split_config_options(argv)
+    convert(options, config_fields=config_fields)
+    return 0
+
+
+def command_transfer(argv: list[str]) -> int:
+    from hf_fusion.transfer import main as transfer
+
+    options, config_fields, _ = split_config_options(argv)
+    transfer(options, config_fields=config_fields)
+    return 0
+
+
+def command_pretrain_e2s2(argv: list[str]) -> int:
+    from .e2s2.pretrain import pretrain
+
+    pretrain(argv)
+    return 0
+
+
+HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "train": command_train,
     "evaluate": command_evaluate,
     "prepare-data": command_prepare_data,
     "push": command_push,
     "refresh-code": command_refresh_code,
+    "convert": command_convert,
+    "transfer": command_transfer,
+    "pretrain-e2s2": command_pretrain_e2s2,
 }
 
 
@@ -190,9 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in HANDLERS:
-        print(f"hf-fusion: unknown command {command!r}; choose from {', '.join(COMMANDS)}.", file=sys.stderr)
+        print(f"hf-fusion: unknown command {command!r}; choose from {', '.join(HANDLERS)}.", file=sys.stderr)
         return 2
-    if command not in ("push", "refresh-code") and any(flag in rest for flag in ("-h", "--help")):
+    if command in EXPERIMENT_COMMANDS and any(flag in rest for flag in ("-h", "--help")):
         _print_help()
         return 0
     try:
@@ -202,6 +237,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"hf-fusion {command}: error: {error}", file=sys.stderr)
         return 2
+
+
+def _alias(command: str) -> Callable[[], int]:
+    """The console script of an older name: ``hf-fusion COMMAND`` with the same arguments."""
+
+    def run() -> int:
+        return main([command, *sys.argv[1:]])
+
+    run.__doc__ = f"``hf-fusion {command}`` under its old console-script name."
+    return run
+
+
+convert_script = _alias("convert")
+transfer_script = _alias("transfer")
+pretrain_e2s2_script = _alias("pretrain-e2s2")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 
 from .model_card import REPO_PLACEHOLDER, REVISION_PLACEHOLDER
 
@@ -33,21 +33,26 @@ def export_model(
     tokenizer: Any,
     folder: str | Path,
     card: ModelCard,
+    generation_config: GenerationConfig | None = None,
     extra_files: dict[str, str] | None = None,
     copy_files: list[Path] | None = None,
 ) -> Path:
     """Write the Hub-ready folder and check it (see the module docstring).
 
     Args:
-        model: The trained model (unwrapped); its ``generation_config`` is saved as is.
+        model: The trained model (unwrapped).
         tokenizer: Saved next to the model.
         folder: Destination (created; existing files are overwritten).
         card: The rendered model card, saved as README.md.
+        generation_config: Saved as ``generation_config.json`` and set on the model; default: the
+            model's own, as is (after a Trainer's evaluation it holds every library default).
         extra_files: ``{file name: text}`` written into the folder.
         copy_files: Files copied into the folder (e.g. the training curves).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if generation_config is not None:
+        model.generation_config = generation_config
     model.config.use_cache = True
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -5,6 +5,10 @@ fills the ``variant`` block: what the family changes, with the paper. A family w
 template gets the layout with its config class's docstring, so a new family is never blocked on a
 card, but should ship one.
 
+:func:`card_facts` gathers what a card states from the finished run: its settings, data, tokenizer,
+model and results. A card carries facts of that run only; measured comparisons between runs live
+in ``docs/`` and ``benchmarks/results/``.
+
 The YAML metadata is written with ``huggingface_hub.ModelCardData`` and the results as
 ``EvalResult`` entries, which the Hub shows as ``model-index`` (``Trainer.create_model_card``
 leaves it empty for seq2seq tasks).
@@ -13,15 +17,24 @@ leaves it empty for seq2seq tasks).
 from __future__ import annotations
 
 import inspect
+import json
 import platform
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
+import datasets
 import jinja2
+import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from transformers import PreTrainedModel
+
 from hf_fusion.compat import TESTED_TRANSFORMERS_RELEASES
 from model_cards import TEMPLATE_DIR
+
+from .arguments import Experiment
+from .corpora import BUILTIN_CORPORA
 
 BASE_TEMPLATE = "base.md"
 # SPDX identifiers of corpus licenses -> Hub license ids.
@@ -83,6 +96,88 @@ class CardFacts:
     world_size: int = 1
     training_seconds: float | None = None
     device: str = "cpu"
+
+
+def _tokenizer_summary(tokenizer: Any, trained: bool) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    kind = json.loads(backend.to_str())["model"]["type"] if backend is not None else type(tokenizer).__name__
+    origin = "joint source/target vocabulary trained on the training split" if trained else "the given tokenizer"
+    return f"{kind} subwords, {len(tokenizer):,} tokens ({origin})."
+
+
+def _enum_value(value: Any) -> Any:
+    """An option as written in the YAML (``TrainingArguments`` turns some into enums)."""
+    return getattr(value, "value", value)
+
+
+def card_facts(
+    experiment: Experiment,
+    splits: datasets.DatasetDict,
+    tokenizer: Any,
+    model: PreTrainedModel,
+    results: dict[str, Any],
+    eval_split_name: str | None,
+    has_curves: bool,
+) -> CardFacts:
+    """The facts of a finished run (see :func:`training.pipeline.train`): ``results`` is its
+    ``results.json``, ``eval_split_name`` the split of its final beam-search scores (if any)."""
+    args, data_args = experiment.training, experiment.data
+    config = model.config
+    hyperparameters = {
+        "learning rate": args.learning_rate,
+        "schedule": f"{_enum_value(args.lr_scheduler_type)}, {args.warmup_steps} warmup steps",
+        "optimizer": f"{_enum_value(args.optim)} "
+        f"(betas {args.adam_beta1}, {args.adam_beta2}; weight decay {args.weight_decay})",
+        "batch": (
+            f"up to {args.max_tokens_per_batch} tokens and {args.per_device_train_batch_size} sentences per process"
+            if args.max_tokens_per_batch
+            else f"{args.per_device_train_batch_size} sentences per process"
+        )
+        + f", {args.world_size} process(es), gradient accumulation {args.gradient_accumulation_steps}",
+        "training steps": results.get("train_steps"),
+        "label smoothing (in the model)": getattr(config, "label_smoothing", 0.0),
+        "dropout": getattr(config, "dropout", None),
+        "max gradient norm": args.max_grad_norm,
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "seed": args.seed,
+    }
+    validation = {
+        key.removeprefix("best_validation_"): value
+        for key, value in results.items()
+        if key.startswith("best_validation_")
+    }
+    test_results = [
+        HeldOutScore(metric, results[f"{eval_split_name}_{metric}"], split=eval_split_name, num_beams=args.final_num_beams)
+        for metric in ("bleu", "chrf")
+        if eval_split_name and f"{eval_split_name}_{metric}" in results
+    ]
+    train = splits["train"]
+    from_hub = data_args.dataset is not None and data_args.dataset not in BUILTIN_CORPORA
+    return CardFacts(
+        model_type=config.model_type,
+        config=config,
+        num_parameters=model.num_parameters(),
+        repo_id=args.hub_model_id,
+        source_lang=data_args.source_lang,
+        target_lang=data_args.target_lang,
+        dataset_name=Path(data_args.train_file).name if data_args.train_file else data_args.dataset,
+        dataset_id=data_args.dataset if from_hub else None,
+        dataset_description=train.info.description or "",
+        dataset_license=train.info.license or None,
+        split_sizes={name: len(split) for name, split in splits.items()},
+        tokenizer_summary=_tokenizer_summary(tokenizer, trained=experiment.model.trains_tokenizer),
+        hyperparameters=hyperparameters,
+        results=test_results,
+        validation=validation,
+        license=args.hub_license,
+        base_model=experiment.model.model_name_or_path,
+        example_source=splits[eval_split_name]["source"][0] if eval_split_name else CardFacts.example_source,
+        num_beams=args.final_num_beams,
+        has_curves=has_curves,
+        world_size=args.world_size,
+        training_seconds=results.get("train_runtime"),
+        device="GPU" if torch.cuda.is_available() and not args.use_cpu else "CPU",
+    )
 
 
 def framework_versions() -> dict[str, str]:

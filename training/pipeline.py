@@ -1,10 +1,11 @@
 """The steps of a run, from raw parallel text to a Hub-ready folder.
 
-``train`` = load the splits -> get a tokenizer (train one, or load one and check it fits) -> tokenize
-once -> build the model (any hf_fusion family from its config fields, or a checkpoint to fine-tune)
--> ``FusionSeq2SeqTrainer.train`` (resumable) -> beam-search test evaluation -> export the final
-folder with its model card -> optionally push it. Each step is a function so the CLI, the
-benchmarks and the tests run the very same code.
+``train`` runs each step once, in this order, and resolves each setting once, in the step that
+first needs it: data (load the splits) -> tokenizer (train one, or load one) -> tokenize once ->
+model config (built once, sized to the tokenizer) and model (or a checkpoint to fine-tune) ->
+generation config (once) -> ``FusionSeq2SeqTrainer.train`` (resumable) -> beam-search test
+evaluation -> export the final folder with its model card -> optionally push it. Each step is a
+function so the CLI, the benchmarks and the tests run the very same code.
 
 Multi-process runs (torchrun / accelerate launch) run this on every process: the steps that
 write to disk (corpus build, tokenizer training, tokenization cache) run on the main process
@@ -13,6 +14,7 @@ first and the others then read the result; export and push run on the main proce
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -24,13 +26,13 @@ from typing import Any
 
 import datasets
 import numpy as np
-import torch
 from transformers import (
     AutoConfig,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
     EarlyStoppingCallback,
     GenerationConfig,
+    PreTrainedConfig,
     PreTrainedModel,
     TrainerCallback,
     set_seed,
@@ -46,8 +48,8 @@ from .curves import TrainingCurvesCallback
 from .data import load_parallel_data
 from .export import export_model, push_folder
 from .metrics import load_translation_metric
-from .model_card import CardFacts, HeldOutScore, render_model_card
-from .tokenizer import check_tokenizer_fits, train_tokenizer
+from .model_card import card_facts, render_model_card
+from .tokenizer import check_tokenizer_fits, config_fields_for, train_tokenizer
 from .trainer import FusionSeq2SeqTrainer, TimeBudgetCallback, TranslationMetrics
 
 logger = logging.getLogger(__name__)
@@ -59,23 +61,16 @@ RESULTS_FILE = "results.json"
 # --- data ---------------------------------------------------------------------------------------
 def load_splits(data_args: DataArguments) -> datasets.DatasetDict:
     """The ``source``/``target`` splits of the run, cut to the ``max_*_samples`` limits."""
-    if data_args.train_file or data_args.validation_file or data_args.test_file:
-        splits = load_parallel_data(
-            train_file=data_args.train_file,
-            validation_file=data_args.validation_file,
-            test_file=data_args.test_file,
-            source_lang=data_args.source_lang,
-            target_lang=data_args.target_lang,
-            cache_dir=data_args.data_cache_dir,
-        )
-    else:
-        splits = load_parallel_data(
-            dataset_name=data_args.dataset,
-            dataset_config=data_args.dataset_config_name,
-            source_lang=data_args.source_lang,
-            target_lang=data_args.target_lang,
-            cache_dir=data_args.data_cache_dir,
-        )
+    splits = load_parallel_data(
+        dataset_name=data_args.dataset,
+        dataset_config=data_args.dataset_config_name,
+        train_file=data_args.train_file,
+        validation_file=data_args.validation_file,
+        test_file=data_args.test_file,
+        source_lang=data_args.source_lang,
+        target_lang=data_args.target_lang,
+        cache_dir=data_args.data_cache_dir,
+    )
     limits = {
         "train": data_args.max_train_samples,
         "validation": data_args.max_eval_samples,
@@ -103,10 +98,10 @@ def get_tokenizer(
 
     A trained tokenizer is saved to ``OUTPUT_DIR/tokenizer`` with the fingerprint of the data it
     was trained on, and reused by a resumed run and by the other processes of a distributed run.
+    Its length limit is the model's, set once the model exists (:func:`train`).
     """
-    existing = model_args.tokenizer_name_or_path or model_args.model_name_or_path
-    if existing:
-        return AutoTokenizer.from_pretrained(existing)
+    if not model_args.trains_tokenizer:
+        return AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
     if train is None:
         raise ValueError("A tokenizer can only be trained on a train split; give tokenizer_name_or_path.")
     folder = Path(training_args.output_dir) / TOKENIZER_SUBDIR
@@ -115,9 +110,8 @@ def get_tokenizer(
         stamp = folder / "trained_on.json"
         if stamp.is_file() and stamp.read_text() == fingerprint:
             return AutoTokenizer.from_pretrained(folder)
-        max_length = model_args.model_config.get("max_position_embeddings", 1024)
         texts = (text for column in ("source", "target") for text in train[column])
-        tokenizer = train_tokenizer(texts, vocab_size=data_args.tokenizer_vocab_size, model_max_length=max_length)
+        tokenizer = train_tokenizer(texts, vocab_size=data_args.tokenizer_vocab_size)
         logger.info("Trained a joint tokenizer of %d tokens on %d training pairs", len(tokenizer), len(train))
         if training_args.process_index == 0:
             tokenizer.save_pretrained(folder)
@@ -195,24 +189,13 @@ def prepare_data(
 
 
 # --- model --------------------------------------------------------------------------------------
-def check_model_arguments(model_args: ModelArguments) -> None:
-    """Fail before any data work when the family or a config field is wrong (the config is built
-    once here with a stand-in vocabulary size; the real one comes from the tokenizer)."""
-    if model_args.model_name_or_path:
-        return
-    if model_args.model_type not in hf_fusion.MODEL_FAMILIES:
-        raise ValueError(
-            f"model_type={model_args.model_type!r} is not an hf_fusion family; allowed: "
-            f"{', '.join(hf_fusion.MODEL_FAMILIES)}."
-        )
-    AutoConfig.for_model(model_args.model_type, **{"vocab_size": 1000, **model_args.model_config})
-
-
 def build_model(model_args: ModelArguments, tokenizer: Any) -> PreTrainedModel:
     """A fresh model of ``model_type`` sized to the tokenizer, or the checkpoint to fine-tune.
 
-    A BART/mBART/Marian checkpoint is converted to ``model_type`` on load; ``model_config``
-    fields override the checkpoint's config (e.g. ``dropout``, ``label_smoothing``).
+    A fresh model's config is built here, once: the tokenizer's vocabulary size and special ids,
+    then the ``model_config`` fields (which win). A BART/mBART/Marian checkpoint is converted to
+    ``model_type`` on load; ``model_config`` fields override the checkpoint's config (e.g.
+    ``dropout``, ``label_smoothing``).
     """
     fields = dict(model_args.model_config)
     if model_args.model_name_or_path:
@@ -228,12 +211,7 @@ def build_model(model_args: ModelArguments, tokenizer: Any) -> PreTrainedModel:
                 f"({', '.join(ARCHITECTURES)})."
             )
     else:
-        check_model_arguments(model_args)
-        fields.setdefault("vocab_size", len(tokenizer))
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            fields.setdefault(name, getattr(tokenizer, name))
-        fields.setdefault("decoder_start_token_id", tokenizer.eos_token_id)
-        config = AutoConfig.for_model(model_args.model_type, **fields)
+        config = AutoConfig.for_model(model_args.model_type, **{**config_fields_for(tokenizer), **fields})
         model = AutoModelForSeq2SeqLM.from_config(config)
     check_tokenizer_fits(tokenizer, model.config)
     return model
@@ -306,15 +284,14 @@ def build_trainer(
     return trainer, metrics
 
 
-def configure_generation(model: PreTrainedModel, num_beams: int, max_length: int) -> None:
-    """Set the decoding defaults saved as generation_config.json (what ``generate()`` does unless
-    told otherwise). A fresh config, so the file holds these settings only (evaluation fills every
-    library default into the model's generation config)."""
-    model.generation_config = GenerationConfig(
+def generation_config(model_config: PreTrainedConfig, num_beams: int, max_length: int) -> GenerationConfig:
+    """The decoding defaults saved as generation_config.json (what ``generate()`` does unless told
+    otherwise): these settings and the model's special ids only, nothing filled in by a library."""
+    return GenerationConfig(
         num_beams=num_beams,
         max_length=max_length,
         early_stopping=True,
-        **{name: getattr(model.config, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")},
+        **{name: getattr(model_config, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")},
     )
 
 
@@ -343,83 +320,6 @@ class RunResult:
     pushed_revision: str | None = None
 
 
-def _tokenizer_summary(tokenizer: Any, trained: bool) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    kind = json.loads(backend.to_str())["model"]["type"] if backend is not None else type(tokenizer).__name__
-    origin = "joint source/target vocabulary trained on the training split" if trained else "the given tokenizer"
-    return f"{kind} subwords, {len(tokenizer):,} tokens ({origin})."
-
-
-def _card_facts(
-    experiment: Experiment,
-    data: PreparedData,
-    model: PreTrainedModel,
-    results: dict[str, Any],
-    eval_split_name: str | None,
-    has_curves: bool,
-) -> CardFacts:
-    args, data_args = experiment.training, experiment.data
-    train = data.splits["train"]
-    config = model.config
-    hyperparameters = {
-        "learning rate": args.learning_rate,
-        "schedule": f"{args.lr_scheduler_type.value if hasattr(args.lr_scheduler_type, 'value') else args.lr_scheduler_type}"
-        f", {args.warmup_steps} warmup steps",
-        "optimizer": f"{args.optim.value if hasattr(args.optim, 'value') else args.optim} "
-        f"(betas {args.adam_beta1}, {args.adam_beta2}; weight decay {args.weight_decay})",
-        "batch": (
-            f"up to {args.max_tokens_per_batch} tokens and {args.per_device_train_batch_size} sentences per process"
-            if args.max_tokens_per_batch
-            else f"{args.per_device_train_batch_size} sentences per process"
-        )
-        + f", {args.world_size} process(es), gradient accumulation {args.gradient_accumulation_steps}",
-        "training steps": results.get("train_steps"),
-        "label smoothing (in the model)": getattr(config, "label_smoothing", 0.0),
-        "dropout": getattr(config, "dropout", None),
-        "max gradient norm": args.max_grad_norm,
-        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
-        "seed": args.seed,
-    }
-    validation = {
-        key.removeprefix("best_validation_"): value
-        for key, value in results.items()
-        if key.startswith("best_validation_")
-    }
-    test_results = [
-        HeldOutScore(metric=metric, value=results[f"{eval_split_name}_{metric}"], split=eval_split_name, num_beams=args.final_num_beams)
-        for metric in ("bleu", "chrf")
-        if eval_split_name and f"{eval_split_name}_{metric}" in results
-    ]
-    dataset_is_hub = not data_args.train_file and data_args.dataset not in ("ding", "libreoffice")
-    return CardFacts(
-        model_type=config.model_type,
-        config=config,
-        num_parameters=model.num_parameters(),
-        repo_id=args.hub_model_id,
-        source_lang=data_args.source_lang,
-        target_lang=data_args.target_lang,
-        dataset_name=Path(data_args.train_file).name if data_args.train_file else data_args.dataset,
-        dataset_id=data_args.dataset if dataset_is_hub else None,
-        dataset_description=train.info.description or "",
-        dataset_license=train.info.license or None,
-        split_sizes={name: len(split) for name, split in data.splits.items()},
-        tokenizer_summary=_tokenizer_summary(data.tokenizer, trained=not (
-            experiment.model.tokenizer_name_or_path or experiment.model.model_name_or_path
-        )),
-        hyperparameters=hyperparameters,
-        results=test_results,
-        validation=validation,
-        license=getattr(args, "hub_license", None),
-        base_model=experiment.model.model_name_or_path,
-        example_source=data.splits[eval_split_name]["source"][0] if eval_split_name else CardFacts.example_source,
-        num_beams=args.final_num_beams,
-        has_curves=has_curves,
-        world_size=args.world_size,
-        training_seconds=results.get("train_runtime"),
-        device="GPU" if torch.cuda.is_available() and not args.use_cpu else "CPU",
-    )
-
-
 def train(
     experiment: Experiment,
     callbacks: Sequence[TrainerCallback] = (),
@@ -436,7 +336,6 @@ def train(
         export: Write the Hub-ready folder (needs an hf_fusion model).
     """
     args = experiment.training
-    check_model_arguments(experiment.model)
     set_seed(args.seed)
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     data = prepare_data(experiment.model, experiment.data, args)
@@ -448,6 +347,9 @@ def train(
         )
     with args.main_process_first(desc="loading the model"):
         model = (model_builder or partial(build_model, experiment.model))(data.tokenizer)
+    if experiment.model.trains_tokenizer:
+        # A tokenizer trained for this model truncates, by default, where the model's positions end.
+        data.tokenizer.model_max_length = model.config.max_position_embeddings
     logger.info(
         "%s model with %s parameters; %d training pairs%s",
         model.config.model_type,
@@ -455,8 +357,9 @@ def train(
         len(data.train),
         f"; resuming from {checkpoint}" if checkpoint else "",
     )
-    gen_max_length = args.generation_max_length or experiment.data.max_target_length
-    configure_generation(model, args.final_num_beams, gen_max_length)
+    generation = generation_config(model.config, args.final_num_beams, experiment.generation_max_length)
+    # Validation fills every library default into the model's copy; the export saves ``generation``.
+    model.generation_config = copy.deepcopy(generation)
 
     trainer, metrics = build_trainer(experiment, data, model, callbacks)
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
@@ -475,7 +378,7 @@ def train(
     predictions: list[str] = []
     if final_name:
         scores, predictions = evaluate_split(
-            trainer, metrics, data.evaluation[final_name], final_name, args.final_num_beams, gen_max_length
+            trainer, metrics, data.evaluation[final_name], final_name, args.final_num_beams, generation.max_length
         )
         results.update({key: value for key, value in scores.items() if key.endswith(("_bleu", "_chrf", "_gen_len"))})
         results["final_eval_split"] = final_name
@@ -490,14 +393,21 @@ def train(
         output_dir = Path(args.output_dir)
         curves = output_dir / "training_curves.png"
         model = trainer.accelerator.unwrap_model(trainer.model)
-        configure_generation(model, args.final_num_beams, gen_max_length)
         card = render_model_card(
-            _card_facts(experiment, data, model, results, final_name, has_curves=curves.is_file())
+            card_facts(experiment, data.splits, data.tokenizer, model, results, final_name, has_curves=curves.is_file())
         )
         extra = {"experiment.yaml": experiment.to_yaml(), RESULTS_FILE: json.dumps(results, indent=2) + "\n"}
         if predictions:
             extra[f"{final_name}_predictions.txt"] = "\n".join(predictions) + "\n"
-        export_model(model, data.tokenizer, export_dir, card, extra_files=extra, copy_files=[curves] if curves.is_file() else [])
+        export_model(
+            model,
+            data.tokenizer,
+            export_dir,
+            card,
+            generation_config=generation,
+            extra_files=extra,
+            copy_files=[curves] if curves.is_file() else [],
+        )
         (output_dir / RESULTS_FILE).write_text(extra[RESULTS_FILE])
         logger.info("Exported the Hub-ready model folder to %s", export_dir)
         if args.push_to_hub:
@@ -520,11 +430,10 @@ def evaluate_folder(experiment: Experiment, split: str) -> dict[str, Any]:
     args = experiment.training
     data = prepare_data(experiment.model, experiment.data, args, only_split=split)
     model = build_model(experiment.model, data.tokenizer)
-    max_length = args.generation_max_length or experiment.data.max_target_length
-    configure_generation(model, args.final_num_beams, max_length)
+    model.generation_config = generation_config(model.config, args.final_num_beams, experiment.generation_max_length)
     trainer, metrics = build_trainer(experiment, data, model)
     scores, predictions = evaluate_split(
-        trainer, metrics, data.evaluation[split], split, args.final_num_beams, max_length
+        trainer, metrics, data.evaluation[split], split, args.final_num_beams, model.generation_config.max_length
     )
     results = {key: value for key, value in scores.items() if key.endswith(("_bleu", "_chrf", "_gen_len"))}
     results.update(num_beams=args.final_num_beams, num_sentences=len(predictions), model=experiment.model.model_name_or_path)

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS: dict[str, str] = {
     "bos_token": "<s>",
@@ -92,6 +92,19 @@ def train_tokenizer(
         # The trainers put special tokens first, in the order given; the configs rely on it.
         assert tokenizer.token_to_id(token) == expected_id, (token, tokenizer.token_to_id(token))
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=model_max_length, **SPECIAL_TOKENS)
+
+
+def config_fields_for(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """The config fields that make a fresh model use ``tokenizer``: its vocabulary size and special
+    ids, and ``decoder_start_token_id`` = the eos id (labels ``X </s>`` shift into decoder inputs
+    ``</s> X``, BART's convention). :func:`check_tokenizer_fits` checks the same fields."""
+    return {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "decoder_start_token_id": tokenizer.eos_token_id,
+    }
 
 
 def check_tokenizer_fits(tokenizer: PreTrainedTokenizerFast, config) -> None:

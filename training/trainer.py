@@ -6,9 +6,9 @@ What changes against the stock ``Seq2SeqTrainer`` (and why):
   :class:`~training.batching.TokenizedPairs`: length-bucketed, optionally under a token budget,
   padded to the batch (the stock random batches spend most of their compute on padding).
 - ``loss_terms`` of the model output (named loss components, e.g. SurfaceFusion's two
-  cross-entropies or E2S2's auxiliary losses) are logged beside the loss, averaged over the
-  micro-batches since the last log, as ``loss_terms/<name>``; so is the throughput in real
-  (non-pad) source + target tokens per second, summed over processes.
+  cross-entropies) are logged beside the loss by :class:`LossTermLogging`, the one implementation
+  that E2S2 pretraining uses too; so is the throughput in real (non-pad) source + target tokens per
+  second, summed over processes.
 - Metrics are computed against the *raw* reference strings, not against references decoded from
   truncated label ids, so BLEU is the BLEU of the text; under DDP, over each example exactly once.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -72,7 +72,72 @@ class TranslationMetrics:
             self.references = previous
 
 
-class FusionSeq2SeqTrainer(Seq2SeqTrainer):
+LOSS_TERMS_PREFIX = "loss_terms/"
+
+
+class LossTermLogging:
+    """Trainer mixin (listed before the ``Trainer`` class in the bases): logs every entry of the
+    model output's ``loss_terms`` beside the loss as ``loss_terms/<name>``.
+
+    A term's logged value is its mean over the training micro-batches since the last log, averaged
+    over processes, like the loss itself: one term per component lets a run show which part of a
+    composite loss (SurfaceFusion's two cross-entropies, E2S2's four objectives) moves.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._loss_term_sums: dict[str, torch.Tensor] = {}
+        self._loss_term_counts: dict[str, int] = {}
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        terms = outputs.get("loss_terms") if isinstance(outputs, Mapping) else None
+        if model.training:
+            for name, value in (terms or {}).items():
+                value = value.detach().float()
+                running = self._loss_term_sums.get(name)
+                self._loss_term_sums[name] = value if running is None else running + value
+                self._loss_term_counts[name] = self._loss_term_counts.get(name, 0) + 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._loss_term_sums:  # a training log: add what accumulated
+            names = sorted(self._loss_term_sums)
+            means = torch.stack([self._loss_term_sums[name] / self._loss_term_counts[name] for name in names])
+            means = self.accelerator.reduce(means, reduction="mean")  # one collective for all terms
+            logs.update({LOSS_TERMS_PREFIX + name: value for name, value in zip(names, means.tolist())})
+            self._loss_term_sums, self._loss_term_counts = {}, {}
+        super().log(logs, start_time)
+
+
+class SetEpochCallback(TrainerCallback):
+    """Hands the epoch that starts to ``target().set_epoch`` (a batch sampler's shuffle, a
+    collator's noise), so an epoch's randomness is a function of (seed, epoch) and resumable.
+
+    The Trainer reaches a sampler's ``set_epoch`` through accelerate's wrappers, except when a
+    distributed run resumes mid-epoch (the skipping wrapper hides it), and never a collator's; then
+    the batches or the noise would silently differ from the uninterrupted run. The epoch is
+    ``floor(state.epoch)``: an integer at an epoch boundary (the 1e-9 absorbs float error there),
+    ``e + fraction`` when resuming inside epoch ``e``. ``target`` is a getter because a sampler is
+    created with its DataLoader, after the callback; it may return None (nothing to tell yet).
+    """
+
+    def __init__(self, target: Callable[[], Any]):
+        self.target = target
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        target = self.target()
+        if target is not None:
+            target.set_epoch(math.floor((state.epoch or 0.0) + 1e-9))
+
+
+class FusionSeq2SeqTrainer(LossTermLogging, Seq2SeqTrainer):
     """``Seq2SeqTrainer`` with length-bucketed batches and ``loss_terms`` / tokens-per-second logs.
 
     ``args`` may carry ``max_tokens_per_batch`` (a :class:`~training.arguments.FusionTrainingArguments`);
@@ -82,11 +147,9 @@ class FusionSeq2SeqTrainer(Seq2SeqTrainer):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.train_batch_sampler: LengthBucketBatchSampler | None = None
-        self._loss_term_sums: dict[str, torch.Tensor] = {}
-        self._loss_term_batches = 0
         self._real_tokens = torch.zeros((), dtype=torch.float64, device=self.args.device)
         self._window_start: float | None = None
-        self.add_callback(_SamplerEpochCallback(self))
+        self.add_callback(SetEpochCallback(lambda: self.train_batch_sampler))
 
     # --- data -----------------------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
@@ -114,7 +177,7 @@ class FusionSeq2SeqTrainer(Seq2SeqTrainer):
         # Under DDP accelerate deals the batches round-robin to the processes.
         return self.accelerator.prepare(loader)
 
-    # --- loss components and throughput -------------------------------------------------------
+    # --- throughput ---------------------------------------------------------------------------
     def compute_loss(
         self,
         model: torch.nn.Module,
@@ -126,12 +189,7 @@ class FusionSeq2SeqTrainer(Seq2SeqTrainer):
         if model.training:
             if self._window_start is None:
                 self._window_start = time.perf_counter()
-            terms = outputs.get("loss_terms") if isinstance(outputs, dict) else None
-            for name, value in (terms or {}).items():
-                running = self._loss_term_sums.get(name)
-                value = value.detach().float()
-                self._loss_term_sums[name] = value if running is None else running + value
-            self._loss_term_batches += 1
+            # Summed as a tensor: no device sync per step, one reduction per log.
             real = inputs["attention_mask"].sum()
             if "labels" in inputs:
                 real = real + (inputs["labels"] != LABEL_PAD).sum()
@@ -139,15 +197,11 @@ class FusionSeq2SeqTrainer(Seq2SeqTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._loss_term_batches:  # a training log: add what accumulated
-            for name in sorted(self._loss_term_sums):
-                mean = self._loss_term_sums[name] / self._loss_term_batches
-                logs[f"loss_terms/{name}"] = self.accelerator.reduce(mean, reduction="mean").item()
+        if "loss" in logs and self._window_start is not None:  # a training log: add the window's rate
             tokens = self.accelerator.reduce(self._real_tokens.clone(), reduction="sum").item()
-            elapsed = time.perf_counter() - (self._window_start or time.perf_counter())
+            elapsed = time.perf_counter() - self._window_start
             if elapsed > 0 and math.isfinite(tokens):
                 logs["tokens_per_second"] = round(tokens / elapsed, 1)
-            self._loss_term_sums, self._loss_term_batches = {}, 0
             self._real_tokens.zero_()
             self._window_start = time.perf_counter()
         super().log(logs, start_time)
@@ -163,23 +217,6 @@ class FusionSeq2SeqTrainer(Seq2SeqTrainer):
         metrics = super().evaluate(*args, **kwargs)
         self._window_start = time.perf_counter()  # evaluation time is not training throughput
         return metrics
-
-
-class _SamplerEpochCallback(TrainerCallback):
-    """Hands the epoch to the batch sampler before each epoch starts.
-
-    The Trainer reaches a sampler's ``set_epoch`` through accelerate's wrappers, except when a
-    distributed run resumes mid-epoch (the skipping wrapper hides it); then the batch order would
-    silently differ from the uninterrupted run. The epoch is ``floor(state.epoch)``: an integer at
-    an epoch boundary, ``e + fraction`` when resuming inside epoch ``e``.
-    """
-
-    def __init__(self, trainer: FusionSeq2SeqTrainer):
-        self.trainer = trainer
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        if self.trainer.train_batch_sampler is not None:
-            self.trainer.train_batch_sampler.set_epoch(math.floor((state.epoch or 0.0) + 1e-9))
 
 
 class TimeBudgetCallback(TrainerCallback):

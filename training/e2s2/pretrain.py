@@ -1,22 +1,24 @@
-"""Pretrain a seq2seq model on monolingual text with E2S2 or plain BART denoising.
+"""``hf-fusion pretrain-e2s2``: pretrain a seq2seq model on monolingual text with E2S2 or plain
+BART denoising.
 
-    python -m training.pretrain_e2s2 --model fusion_transformer --tokenizer TOK_DIR \\
-        --train_files corpus.txt --output_dir runs/e2s2 --max_steps 1000 [--objective bart]
+    hf-fusion pretrain-e2s2 --model fusion_transformer --tokenizer TOK_DIR \\
+        --train_files corpus.txt --output_dir runs/e2s2 --max_steps 1000 [--objective bart] \\
+        [--model_config.FIELD value ...]
 
 ``--model`` is an hf_fusion (or any registered) ``model_type`` built fresh with the tokenizer's
-vocabulary size and special ids (``--config_overrides d_model=256,encoder_layers=3``), or a
-folder: a checkpoint (hf_fusion, or a stock BART) continues pretraining, a folder holding only a
-config builds that config fresh. Text comes from text files (one text per line) or from a column
-of a dataset (a Hub name, or a folder written by ``save_to_disk``); empty and too-short texts are
-dropped with a count in the log. Every other option is a ``TrainingArguments`` option
-(``--output_dir``, ``--max_steps``, ``--save_steps``, ``--learning_rate``,
-``--resume_from_checkpoint PATH|last``, ...). Checkpoints and the final ``--output_dir`` load as
-the plain model for fine-tuning (the E2S2 heads sit beside it in ``e2s2_heads.safetensors``).
+vocabulary size and special ids (``--model_config.d_model 256 --model_config.encoder_layers 3``,
+the config-field syntax of ``hf-fusion train``), or a folder: a checkpoint (hf_fusion, or a stock
+BART) continues pretraining, a folder holding only a config builds that config fresh. Text comes
+from text files (one text per line) or from a column of a dataset (a Hub name, or a folder written
+by ``save_to_disk``); empty and too-short texts are dropped with a count in the log. Every other
+option is a ``TrainingArguments`` option (``--output_dir``, ``--max_steps``, ``--save_steps``,
+``--learning_rate``, ``--resume_from_checkpoint PATH|last``, ...). Checkpoints and the final
+``--output_dir`` load as the plain model for fine-tuning (the E2S2 heads sit beside it in
+``e2s2_heads.safetensors``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -38,8 +40,11 @@ from transformers import (
 
 import hf_fusion  # noqa: F401  (registers the hf_fusion model types with the Auto classes)
 
-from .e2s2 import OBJECTIVES, E2S2DataCollator, E2S2ForPreTraining, E2S2Trainer
-from .tokenizer import check_tokenizer_fits
+from ..arguments import split_config_options
+from ..tokenizer import check_tokenizer_fits, config_fields_for
+from .collator import OBJECTIVES, E2S2DataCollator
+from .model import E2S2ForPreTraining
+from .trainer import E2S2Trainer
 
 logger = logging.getLogger(__name__)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -52,9 +57,6 @@ class PretrainArguments:
     model: str = field(metadata={"help": "A model_type (e.g. fusion_transformer, bart) or a checkpoint/config folder."})
     tokenizer: str = field(metadata={"help": "Tokenizer folder (needs a mask and a pad token)."})
     objective: str = field(default="e2s2", metadata={"help": "e2s2 or bart (plain span-masking denoising).", "choices": OBJECTIVES})
-    config_overrides: str | None = field(
-        default=None, metadata={"help": "Comma-separated key=value config fields, e.g. d_model=64,encoder_layers=2."}
-    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow checkpoints that ship their own code."})
     train_files: list[str] | None = field(default=None, metadata={"help": "Text files, one text per line."})
     dataset: str | None = field(default=None, metadata={"help": "A datasets Hub name or a save_to_disk folder."})
@@ -72,20 +74,6 @@ class PretrainArguments:
     lambda_cl: float = field(default=0.05, metadata={"help": "E2S2: weight of the contrastive loss."})
     temperature: float = field(default=1.0, metadata={"help": "E2S2: NT-Xent temperature."})
     nll_weight: float = field(default=0.5, metadata={"help": "E2S2: weight of each of the two NLL terms."})
-
-
-def parse_overrides(overrides: str | None) -> dict[str, Any]:
-    """``"d_model=64,dropout=0.1,activation_function=relu"`` -> typed dict (JSON values, else strings)."""
-    parsed: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in (overrides or "").split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--config_overrides entry {item!r} is not key=value.")
-        try:
-            parsed[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            parsed[key.strip()] = value
-    return parsed
 
 
 def load_texts(args: PretrainArguments) -> datasets.Dataset:
@@ -115,24 +103,19 @@ def load_texts(args: PretrainArguments) -> datasets.Dataset:
     return loaded.filter(lambda batch: [isinstance(t, str) and bool(t.strip()) for t in batch["text"]], batched=True)
 
 
-def build_backbone(args: PretrainArguments, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A fresh model of a ``model_type`` sized to the tokenizer, or a model/config from a folder."""
-    overrides = parse_overrides(args.config_overrides)
+def build_backbone(
+    args: PretrainArguments, tokenizer: PreTrainedTokenizerBase, overrides: dict[str, Any]
+) -> PreTrainedModel:
+    """A fresh model of a ``model_type`` sized to the tokenizer, or a model/config from a folder;
+    ``overrides`` (the ``--model_config.FIELD value`` options) set config fields of either."""
     path = Path(args.model)
     if path.exists():
         if any((path / name).is_file() for name in WEIGHT_FILES):
             return AutoModelForSeq2SeqLM.from_pretrained(path, trust_remote_code=args.trust_remote_code, **overrides)
         config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code, **overrides)
         return AutoModelForSeq2SeqLM.from_config(config, trust_remote_code=args.trust_remote_code)
-    ids = {
-        "vocab_size": len(tokenizer),
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "decoder_start_token_id": tokenizer.eos_token_id,  # BART's convention
-    }
     try:
-        config = AutoConfig.for_model(args.model, **{**ids, **overrides})
+        config = AutoConfig.for_model(args.model, **{**config_fields_for(tokenizer), **overrides})
     except ValueError as error:
         if "Unrecognized model identifier" not in str(error):
             raise
@@ -156,8 +139,9 @@ def check_model_fits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 def pretrain(argv: Sequence[str] | None = None) -> E2S2Trainer:
     """Parse ``argv`` (default ``sys.argv[1:]``), pretrain, save to ``--output_dir``; return the
     Trainer (its state holds the logged loss terms)."""
-    parser = HfArgumentParser((PretrainArguments, TrainingArguments))
-    args, training_args = parser.parse_args_into_dataclasses(args=list(sys.argv[1:] if argv is None else argv))
+    options, overrides, _ = split_config_options(list(sys.argv[1:] if argv is None else argv))
+    parser = HfArgumentParser((PretrainArguments, TrainingArguments), prog="hf-fusion pretrain-e2s2")
+    args, training_args = parser.parse_args_into_dataclasses(args=options)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     # The collator reads the raw text column, which the Trainer would otherwise drop.
     training_args.remove_unused_columns = False
@@ -186,7 +170,7 @@ def pretrain(argv: Sequence[str] | None = None) -> E2S2Trainer:
     if len(texts) == 0:
         raise ValueError(f"No text has at least --min_tokens {args.min_tokens} tokens.")
 
-    backbone = build_backbone(args, tokenizer)
+    backbone = build_backbone(args, tokenizer, overrides)
     check_model_fits(backbone, tokenizer, args.max_length)
     model = backbone
     if args.objective == "e2s2":
@@ -207,11 +191,3 @@ def pretrain(argv: Sequence[str] | None = None) -> E2S2Trainer:
     trainer.save_state()
     return trainer
 
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point ``hf-fusion-pretrain-e2s2`` (returns nothing, so the exit status is 0)."""
-    pretrain(argv)
-
-
-if __name__ == "__main__":
-    main()
