@@ -12,7 +12,6 @@ This module is library code, not model code: it is not copied into saved checkpo
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from typing import Any
 
@@ -149,26 +148,11 @@ def convert_from_pretrained(
     return target.to(source_model.dtype)
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["dropout=0.3", "activation_function=relu"]`` -> config overrides; values are read as JSON
-    where they parse (numbers, booleans, null) and kept as strings otherwise."""
-    overrides: dict[str, Any] = {}
-    for item in items:
-        field, separator, value = item.partition("=")
-        if not separator or not field:
-            raise ValueError(f"Config override {item!r} must look like FIELD=VALUE.")
-        try:
-            overrides[field] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[field] = value
-    return overrides
-
-
 def main(argv: list[str] | None = None, config_fields: dict[str, Any] | None = None) -> None:
     """``hf-fusion convert SOURCE OUTPUT [--model_type T] [--model_config.FIELD value ...]``.
 
     ``hf-fusion`` parses the ``--model_config.FIELD value`` options (one syntax for every command)
-    and passes them as ``config_fields``; ``--set FIELD=VALUE`` is their old spelling, still read.
+    and passes them as ``config_fields``.
     """
     parser = argparse.ArgumentParser(
         prog="hf-fusion convert",
@@ -178,10 +162,8 @@ def main(argv: list[str] | None = None, config_fields: dict[str, Any] | None = N
     parser.add_argument("source", help="local folder or Hub id of the pretrained model")
     parser.add_argument("output_dir", help="folder to write the converted, self-contained checkpoint to")
     parser.add_argument("--model_type", default="fusion_transformer", help="hf_fusion family to build")
-    parser.add_argument("--set", nargs="*", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    overrides = {**parse_overrides(args.set), **(config_fields or {})}
-    model = convert_from_pretrained(args.source, args.model_type, **overrides)
+    model = convert_from_pretrained(args.source, args.model_type, **(config_fields or {}))
     model.save_pretrained(args.output_dir)
     try:
         AutoTokenizer.from_pretrained(args.source).save_pretrained(args.output_dir)

@@ -37,7 +37,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .configuration_fusion_transformer import FusionTransformerConfig
-from .convert import ARCHITECTURES, _load_source, convert_from_pretrained, parse_overrides
+from .convert import ARCHITECTURES, _load_source, convert_from_pretrained
 from .families import MODEL_FAMILIES
 from .seams import SEAM_CHOICES
 
@@ -264,7 +264,6 @@ def main(argv: list[str] | None = None, config_fields: dict[str, Any] | None = N
         help="'mean' (default), a teacher layer index, or JSON: a list with one entry per block, "
         'or {"encoder": ..., "decoder": ...}',
     )
-    parser.add_argument("--set", nargs="*", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     model = transfer_from_pretrained(
@@ -274,7 +273,7 @@ def main(argv: list[str] | None = None, config_fields: dict[str, Any] | None = N
         decoder_unique_layers=args.decoder_unique_layers,
         block_source=args.block_source,
         model_type=args.model_type,
-        **{**parse_overrides(args.set), **(config_fields or {})},
+        **(config_fields or {}),
     )
     model.save_pretrained(args.output_dir)
     try:

@@ -14,8 +14,8 @@ from transformers import (
 )
 
 from hf_fusion import FusionTransformerForConditionalGeneration, convert_from_pretrained
-from hf_fusion.convert import main as convert_cli
 from tests.helpers import random_batch
+from training.cli import main as cli
 
 SIZES = dict(
     vocab_size=100,
@@ -86,7 +86,7 @@ def test_converted_model_keeps_parity_after_save_and_reload(tmp_path):
 def test_cli_converts_a_local_checkpoint(tmp_path, capsys):
     source = randomise(bart())
     source.save_pretrained(tmp_path / "bart")
-    convert_cli([str(tmp_path / "bart"), str(tmp_path / "out"), "--set", "dropout=0.2"])
+    assert cli(["convert", str(tmp_path / "bart"), str(tmp_path / "out"), "--model_config.dropout", "0.2"]) == 0
     converted = FusionTransformerForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
     assert converted.config.dropout == 0.2
     batch = random_batch()

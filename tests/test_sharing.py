@@ -21,8 +21,8 @@ from hf_fusion import (
 )
 from hf_fusion.compat import output_cache
 from hf_fusion.sharing import execution_plan
-from hf_fusion.transfer import main as transfer_main
 from tests.helpers import TINY, assert_cached_decoding_matches, assert_roundtrip_in_clean_process, random_batch
+from training.cli import main as cli
 
 LAYER_KEY = re.compile(r"^model\.(encoder|decoder)\.layers\.(\d+)\.(.+)$")
 
@@ -440,8 +440,9 @@ def test_transfer_from_bart_checkpoint(tmp_path) -> None:
 
 def test_transfer_cli(teacher, tmp_path, capsys) -> None:
     teacher.save_pretrained(tmp_path / "teacher")
-    transfer_main(
+    assert cli(
         [
+            "transfer",
             str(tmp_path / "teacher"),
             str(tmp_path / "student"),
             "--sharing_strategy",
@@ -452,10 +453,10 @@ def test_transfer_cli(teacher, tmp_path, capsys) -> None:
             "3",
             "--block_source",
             '{"encoder": 1, "decoder": "mean"}',
-            "--set",
-            "dropout=0.2",
+            "--model_config.dropout",
+            "0.2",
         ]
-    )
+    ) == 0
     assert "encoder 6 steps / 2 blocks" in capsys.readouterr().out
     student = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "student")
     assert (student.config.model_type, student.config.dropout, student.config.encoder_unique_layers) == (

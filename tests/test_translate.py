@@ -241,3 +241,14 @@ def test_evaluate_compare_reports_both_models(folder: Path, tmp_path: Path) -> N
     # with itself gets the smallest p-value, 1 / (samples + 1): the test is for different systems.
     assert 0 < results["compare"]["paired_bootstrap"]["bleu"]["p_value"] <= 1
     assert (tmp_path / "eval" / "compare_predictions.txt").is_file()
+
+
+def test_hf_fusion_evaluate_with_a_test_file_needs_nothing_else(folder: Path, tmp_path: Path, capsys) -> None:
+    from training.cli import main
+
+    test_file = _write_jsonl(tmp_path / "t.jsonl", PAIRS)
+    assert main(["evaluate", str(folder), "--test_file", str(test_file), "--num_beams", "1",
+                 "--output_dir", str(tmp_path / "eval")]) == 0
+    out = capsys.readouterr().out
+    assert "BLEU" in out and "chrF" in out and str(tmp_path / "eval") in out
+    assert main(["evaluate", str(folder), "--test_file", str(tmp_path / "missing.jsonl")]) == 2

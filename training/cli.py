@@ -2,7 +2,9 @@
 other checkpoints.
 
     hf-fusion train CONFIG.yaml [--key value ...] [--model_config.FIELD value ...]
-    hf-fusion evaluate MODEL_FOLDER [--split test] [--key value ...]
+    hf-fusion evaluate MODEL --test_file FILE [--reference_file FILE] [--compare OTHER_MODEL] [--output_dir D]
+    hf-fusion evaluate MODEL_FOLDER [--split test] [--output_dir D] [--key value ...]
+    hf-fusion translate MODEL [--input FILE ...] [--output FILE] [--num_beams N] [...]
     hf-fusion prepare-data CONFIG.yaml [--key value ...]
     hf-fusion push MODEL_FOLDER --repo_id NAMESPACE/NAME [--revision BRANCH] [--private]
     hf-fusion refresh-code MODEL_FOLDER
@@ -32,6 +34,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from .arguments import ARGUMENT_CLASSES, Experiment, parse_experiment, split_config_options
+from .evaluate_file import check_output_dir
 
 logger = logging.getLogger("training")
 
@@ -99,20 +102,41 @@ def command_train(argv: list[str]) -> int:
 
 
 def command_evaluate(argv: list[str]) -> int:
+    """Two ways to score a model: on any test file (``--test_file``, nothing else needed), or on a
+    split of the data the model was trained with (its recorded ``experiment.yaml``). Either way the
+    results go to a folder of the evaluation's own, never into the model folder."""
+    if "--test_file" in argv:
+        from .evaluate_file import run
+
+        results = run(argv)
+        print(f"BLEU {results['bleu']:.2f}  chrF {results['chrf']:.2f}  (sacreBLEU, beam {results['num_beams']}, "
+              f"{results['num_sentences']} sentences)")
+        if "compare" in results:
+            compared = results["compare"]
+            for metric in ("bleu", "chrf"):
+                test = compared["paired_bootstrap"][metric]
+                print(f"{compared['model']}: {metric} {test['other']:.2f} vs {test['baseline']:.2f}, "
+                      f"paired bootstrap p = {test['p_value']:.4f}")
+        print(f"Results: {results['output_dir']}")
+        return 0
+
     from .pipeline import evaluate_folder
 
     parser = argparse.ArgumentParser(prog="hf-fusion evaluate", add_help=False)
     parser.add_argument("folder")
     parser.add_argument("--split", default="test", choices=["test", "validation"])
+    parser.add_argument("--output_dir", default=None)
     known, overrides = parser.parse_known_args(argv)
     folder = Path(known.folder)
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} is not a model folder (no config.json).")
+    output_dir = Path(known.output_dir or Path("evaluations") / folder.resolve().name / known.split)
+    check_output_dir(output_dir, str(folder))
     recorded = folder / "experiment.yaml"
     experiment = parse_experiment(
         recorded if recorded.is_file() else None,
         [
-            *("--output_dir", str(folder), "--report_to", "none"),
+            *("--output_dir", str(output_dir), "--report_to", "none"),
             *("--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false"),
             *overrides,
             *("--model_name_or_path", str(folder)),
@@ -205,6 +229,13 @@ def command_pretrain_e2s2(argv: list[str]) -> int:
     return 0
 
 
+def command_translate(argv: list[str]) -> int:
+    from .translate import main as translate
+
+    _setup_logging()
+    return translate(argv)
+
+
 HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "train": command_train,
     "evaluate": command_evaluate,
@@ -214,6 +245,7 @@ HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "convert": command_convert,
     "transfer": command_transfer,
     "pretrain-e2s2": command_pretrain_e2s2,
+    "translate": command_translate,
 }
 
 

@@ -147,6 +147,7 @@ def load_parallel_data(
     source_column: str | None = None,
     target_column: str | None = None,
     cache_dir: str | os.PathLike | None = None,
+    require_train: bool = True,
 ) -> datasets.DatasetDict:
     """Load parallel text into a ``DatasetDict`` with string columns ``source`` and ``target``.
 
@@ -159,9 +160,11 @@ def load_parallel_data(
         source_lang / target_lang: keys of a ``translation`` dict column, or column names.
         source_column / target_column: explicit column names (take precedence).
         cache_dir: passed to ``datasets.load_dataset`` (or the built-in corpus cache root).
+        require_train: Refuse data without a ``train`` split (training); off for scoring a model
+            on a test file alone (``hf-fusion evaluate FOLDER --test_file X``).
 
     Returns:
-        ``DatasetDict`` with a ``train`` split and whichever of ``validation``/``test`` exist;
+        ``DatasetDict`` with a ``train`` split (when required) and whichever of ``validation``/``test`` exist;
         rows with an empty source or target are dropped (with a warning).
 
     Raises:
@@ -181,7 +184,7 @@ def load_parallel_data(
         )
     if dataset_name in BUILTIN_CORPORA:
         return build_default_corpus(dataset_name, cache_dir=cache_dir)
-    if files and "train" not in files:
+    if require_train and files and "train" not in files:
         raise ValueError(f"train_file is required; got only {sorted(files)} files.")
 
     cache = os.fspath(cache_dir) if cache_dir is not None else None
@@ -198,7 +201,7 @@ def load_parallel_data(
             raise ValueError(f"{split}_file={files[split]!r} has no data rows.") from error
     else:
         raw = datasets.load_dataset(dataset_name, dataset_config, cache_dir=cache)
-    if not isinstance(raw, datasets.DatasetDict) or "train" not in raw:
+    if not isinstance(raw, datasets.DatasetDict) or (require_train and "train" not in raw):
         splits = list(raw) if isinstance(raw, datasets.DatasetDict) else []
         raise ValueError(f"Dataset {dataset_name!r} has no 'train' split; splits: {splits}.")
     return datasets.DatasetDict(

@@ -71,7 +71,7 @@ def read_test_set(
         raise ValueError(f"{test_file} looks like plain text: pass its references with --reference_file.")
     data = load_parallel_data(
         test_file=test_file, source_lang=source_lang, target_lang=target_lang,
-        source_column=source_column, target_column=target_column,
+        source_column=source_column, target_column=target_column, require_train=False,
     )["test"]
     return TestSet(list(data["source"]), list(data["target"]), test_file.stem)
 
