@@ -19,11 +19,16 @@ the allowed values instead of deep inside ``forward``.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import inspect
 import math
+import types
+import typing
 from collections.abc import Iterable
 from typing import Any
 
-from transformers import PreTrainedConfig
+from transformers import GenerationConfig, PreTrainedConfig
 from transformers.activations import ACT2FN
 
 from .seams import SEAM_CHOICES
@@ -85,6 +90,84 @@ def check_positive_int(cls_name: str, field: str, value: Any) -> None:
     """Refuse anything but an int >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{cls_name}.{field} must be a positive integer, got {value!r}.")
+
+
+# Keyword arguments a config may receive that are not fields of the dataclasses: what
+# PreTrainedConfig itself consumes (legacy names, loading bookkeeping, generation parameters that
+# older config.json files carry and it drops) and what save_pretrained writes besides the fields.
+PRETRAINED_CONFIG_KWARGS = frozenset(
+    {
+        "auto_map", "model_type", "torch_dtype", "num_labels", "name_or_path", "_name_or_path", "_commit_hash",
+        "output_attentions", "attn_implementation", "experts_implementation", "per_layer_config",
+        "use_return_dict", "rope_scaling", "rope_theta",
+        *GenerationConfig._get_default_generation_params(),
+    }
+)
+# Fields of other seq2seq configs (BART, Marian) that these models do not read but that converted
+# or hand-written configs commonly carry; accepted and ignored, as BART ignores them on inference.
+IGNORED_BART_FIELDS = frozenset(
+    {"encoder_layerdrop", "decoder_layerdrop", "classifier_dropout", "num_labels", "gradient_checkpointing",
+     "share_encoder_decoder_embeddings", "decoder_vocab_size", "normalize_embedding", "static_position_embeddings",
+     "add_bias_logits", "extra_pos_embeddings", "do_blenderbot_90_layernorm"}
+)
+
+
+def refuse_unknown_fields(config_class: type, kwargs: dict[str, Any]) -> None:
+    """Refuse keyword arguments that are no field of ``config_class``: a typo (``encoder_layer``)
+    would otherwise be stored, saved and silently ignored.
+
+    Raises:
+        ValueError: naming each unknown field and the closest field name.
+    """
+    known = {field.name for field in dataclasses.fields(config_class)} | set(config_class.attribute_map)
+    unknown = sorted(set(kwargs) - known - PRETRAINED_CONFIG_KWARGS - IGNORED_BART_FIELDS)
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(
+            f"{config_class.__name__} has no field {', '.join(hints)}; the fields are listed in the class docstring."
+        )
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` fits a field's annotation (ints are not bools; a float field takes ints)."""
+    if annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, option) for option in typing.get_args(annotation))
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_matches(element, item) for element in value)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def check_field_types(config: PreTrainedConfig) -> None:
+    """Check every field hf_fusion declares against its annotation: ``normalize_before: "false"``
+    (a string) must not build a pre-norm model.
+
+    Raises:
+        ValueError: naming the field, the value and the expected type.
+    """
+    hints: dict[str, Any] = {}
+    for cls in reversed(type(config).__mro__):  # a family's annotation overrides the core's
+        if isinstance(cls, type) and issubclass(cls, FusionTransformerConfig):
+            hints.update(inspect.get_annotations(cls, eval_str=True))
+    for name, hint in hints.items():
+        value = getattr(config, name)
+        if not _matches(value, hint):
+            expected = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            raise ValueError(f"{type(config).__name__}.{name} = {value!r} has the wrong type; expected {expected}.")
 
 
 class FusionTransformerConfig(PreTrainedConfig):
@@ -246,6 +329,8 @@ class FusionTransformerConfig(PreTrainedConfig):
         )
 
     def __post_init__(self, **kwargs: Any) -> None:
+        refuse_unknown_fields(type(self), kwargs)
+        check_field_types(self)
         self.validate_fields()
         super().__post_init__(**kwargs)
 
@@ -254,6 +339,7 @@ class FusionTransformerConfig(PreTrainedConfig):
         name = type(self).__name__
         for field in SIZE_FIELDS:
             check_positive_int(name, field, getattr(self, field))
+        self._check_token_ids(name)
         for field in ("encoder_attention_heads", "decoder_attention_heads"):
             if self.d_model % getattr(self, field):
                 raise ValueError(
@@ -284,6 +370,18 @@ class FusionTransformerConfig(PreTrainedConfig):
         self._check_surface_fusion(name)
         self._resolve_unique_layers(name)
         self._resolve_fusion_fields(name)
+
+    def _check_token_ids(self, name: str) -> None:
+        """Every special token id is an index into the vocabulary (or ``None``); an id outside it
+        would otherwise fail deep inside an embedding lookup or a generation step."""
+        for field in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "forced_eos_token_id"):
+            value = getattr(self, field)
+            for token_id in value if isinstance(value, list) else [value]:
+                if token_id is not None and not 0 <= token_id < self.vocab_size:
+                    raise ValueError(
+                        f"{name}.{field} = {value!r} is not a token id of the vocabulary; allowed: 0 to "
+                        f"vocab_size - 1 = {self.vocab_size - 1}, or None."
+                    )
 
     def _resolve_fusion_fields(self, name: str) -> None:
         """Fill in the layer-fusion defaults of the chosen memory; refuse them without fusion."""

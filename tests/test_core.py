@@ -47,6 +47,16 @@ def tiny_model(**overrides) -> FusionTransformerForConditionalGeneration:
         ({"sharing_strategy": "cycle", "encoder_unique_layers": 3, "decoder_unique_layers": 1}, "encoder_unique_layers", "1 to 2"),
         ({"sharing_strategy": "recurrent", "encoder_unique_layers": 2}, "encoder_unique_layers", "allowed: 1"),
         ({"encoder_unique_layers": 1}, "encoder_unique_layers", "sharing_strategy other than 'none'"),
+        # Unknown fields are refused with the closest name, wrong types with the field named.
+        ({"encoder_layer": 6}, "encoder_layer", "did you mean 'encoder_layers'"),
+        ({"normalize_before": "false"}, "normalize_before", "wrong type; expected bool"),
+        ({"activation_function": ["relu"]}, "activation_function", "wrong type; expected str"),
+        ({"encoder_layers": 2.0}, "encoder_layers", "wrong type; expected int"),
+        ({"scale_embedding": 1}, "scale_embedding", "wrong type; expected bool"),
+        # Token ids must index the vocabulary (they failed late, in an embedding or a generation step).
+        ({"pad_token_id": 100}, "pad_token_id", "0 to vocab_size - 1 = 99"),
+        ({"decoder_start_token_id": -1}, "decoder_start_token_id", "0 to vocab_size - 1 = 99"),
+        ({"eos_token_id": [2, 500]}, "eos_token_id", "0 to vocab_size - 1 = 99"),
     ],
 )
 def test_invalid_config_is_refused_naming_field_and_allowed_values(tiny, overrides, field, allowed):
@@ -54,6 +64,29 @@ def test_invalid_config_is_refused_naming_field_and_allowed_values(tiny, overrid
         FusionTransformerConfig(**{**tiny, **overrides})
     assert field in str(error.value)
     assert allowed in str(error.value)
+
+
+def test_config_json_with_an_unknown_or_mistyped_field_is_refused_on_load(tiny, tmp_path):
+    """The same checks guard config.json: a hand-edited typo or a string where a bool belongs fails
+    when the config is loaded, not later as a silently different model."""
+    FusionTransformerConfig(**tiny).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "decoder_layer": 4}))
+    with pytest.raises(ValueError, match="no field 'decoder_layer' \\(did you mean 'decoder_layers'\\?\\)"):
+        FusionTransformerConfig.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "normalize_before": "false"}))
+    with pytest.raises(ValueError, match="normalize_before = 'false' has the wrong type"):
+        AutoConfig.from_pretrained(tmp_path)
+
+
+def test_configs_other_tools_write_still_load(tiny):
+    """What save_pretrained writes besides the fields, generation parameters older config.json
+    files carry, and BART fields these models ignore are accepted."""
+    config = FusionTransformerConfig(
+        **tiny, auto_map={}, torch_dtype="float32", num_beams=4, max_length=20, encoder_layerdrop=0.0,
+        hidden_size=16, num_attention_heads=2,
+    )
+    assert config.d_model == 16 and config.encoder_attention_heads == 2
 
 
 def test_schedule_the_layer_counts_do_not_admit_is_refused(tiny):

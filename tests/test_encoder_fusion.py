@@ -111,15 +111,19 @@ def test_fusion_defaults_per_mode():
         ({"fusion_mode": "layerwise"}, r"fusion_mode = 'layerwise'.*allowed values: 'transparent', 'fine_grained'"),
         ({"fusion_mode": "fine_grained", "fusion_dropout": 1.0}, rf"fusion_dropout = 1.0 {OUT_OF_RANGE}"),
         ({"fusion_mode": "transparent", "fusion_dropout": -0.1}, rf"fusion_dropout = -0.1 {OUT_OF_RANGE}"),
-        ({"fusion_mode": "transparent", "fusion_dropout": "high"}, r"fusion_dropout must be a number"),
+        ({"fusion_mode": "transparent", "fusion_dropout": "high"}, r"fusion_dropout = 'high' has the wrong type; expected float \| None"),
         ({"fusion_mode": "dlcl", "fusion_dropout": 0.2}, r"fusion_dropout = 0.2 has no effect.*allowed: None"),
         (
             {"fusion_mode": "transparent", "encoder_memory": "fine_grained"},
-            r"encoder_memory = 'fine_grained' contradicts.*allowed encoder_memory: 'last' or 'transparent'",
+            r"encoder_memory = 'fine_grained' contradicts.*allowed encoder_memory: 'transparent' or unset",
+        ),
+        (  # an explicit choice equal to the core default is not silently rewritten either
+            {"fusion_mode": "transparent", "encoder_memory": "last"},
+            r"encoder_memory = 'last' contradicts fusion_mode = 'transparent'",
         ),
         (
             {"fusion_mode": "fine_grained", "fusion_embedding_layer_norm": "yes"},
-            r"fusion_embedding_layer_norm = 'yes'.*allowed values: True, False, None",
+            r"fusion_embedding_layer_norm = 'yes' has the wrong type; expected bool \| None",
         ),
     ],
 )

@@ -113,7 +113,7 @@ def test_defaults_are_recurrent_stacking(tiny: dict) -> None:
         ),
         (
             {"sharing_strategy": "cycle", "encoder_unique_layers": 1.5, "decoder_unique_layers": 1},
-            r"encoder_unique_layers must be a positive integer",
+            r"encoder_unique_layers = 1.5 has the wrong type; expected int \| None",
         ),
         (
             {"sharing_strategy": "cycle_rev", "encoder_unique_layers": 3, "decoder_unique_layers": 1},
