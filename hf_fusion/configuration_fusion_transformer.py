@@ -30,9 +30,12 @@ from typing import Any
 
 from transformers import GenerationConfig, PreTrainedConfig
 from transformers.activations import ACT2FN
+from transformers.utils import logging
 
 from .seams import SEAM_CHOICES
 from .sharing import execution_plan
+
+logger = logging.get_logger(__name__)
 
 POSITION_EMBEDDING_TYPES = ("learned", "sinusoidal")
 # The sizes of the network: positive integers, named as in BART's config.
@@ -112,22 +115,28 @@ IGNORED_BART_FIELDS = frozenset(
 )
 
 
-def refuse_unknown_fields(config_class: type, kwargs: dict[str, Any]) -> None:
-    """Refuse keyword arguments that are no field of ``config_class``: a typo (``encoder_layer``)
-    would otherwise be stored, saved and silently ignored.
-
-    Raises:
-        ValueError: naming each unknown field and the closest field name.
-    """
+def unknown_fields(config_class: type, names: Iterable[str]) -> list[str]:
+    """The names among ``names`` that are no field of ``config_class``, each with the closest
+    field name when there is one: ``["'encoder_layer' (did you mean 'encoder_layers'?)"]``."""
     known = {field.name for field in dataclasses.fields(config_class)} | set(config_class.attribute_map)
-    unknown = sorted(set(kwargs) - known - PRETRAINED_CONFIG_KWARGS - IGNORED_BART_FIELDS)
+    described = []
+    for name in sorted(set(names) - known - PRETRAINED_CONFIG_KWARGS - IGNORED_BART_FIELDS):
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        described.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return described
+
+
+def warn_unknown_fields(config_class: type, kwargs: dict[str, Any]) -> None:
+    """Warn about keyword arguments that are no field of ``config_class``.
+
+    A warning, not an error, because transformers' configs accept extra attributes by contract
+    (generic tooling sets them, e.g. every epsilon name a model might use); the training tool, which
+    reads user-written settings, refuses them outright (``training/arguments.py``).
+    """
+    unknown = unknown_fields(config_class, kwargs)
     if unknown:
-        hints = []
-        for name in unknown:
-            close = difflib.get_close_matches(name, sorted(known), n=1)
-            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(
-            f"{config_class.__name__} has no field {', '.join(hints)}; the fields are listed in the class docstring."
+        logger.warning(
+            "%s has no field %s; the value is stored but no model reads it.", config_class.__name__, ", ".join(unknown)
         )
 
 
@@ -329,7 +338,7 @@ class FusionTransformerConfig(PreTrainedConfig):
         )
 
     def __post_init__(self, **kwargs: Any) -> None:
-        refuse_unknown_fields(type(self), kwargs)
+        warn_unknown_fields(type(self), kwargs)
         check_field_types(self)
         self.validate_fields()
         super().__post_init__(**kwargs)
