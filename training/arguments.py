@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -32,6 +33,25 @@ import hf_fusion
 
 MODEL_CONFIG_KEY = "model_config"
 EXTENDS_KEY = "extends"
+
+# Option names that hold a credential (``hub_token``, any ``*_secret``/``*_password``/``*_api_key``):
+# they are used for the run and never recorded (experiment.yaml, model card, logs, checkpoints).
+SECRET_OPTION = re.compile(r"(^|_)(token|secret|password|passwd|api_key|apikey|credentials?)$", re.IGNORECASE)
+
+
+def is_secret_option(name: str) -> bool:
+    """Whether option ``name`` holds a credential that must never be written anywhere."""
+    return bool(SECRET_OPTION.search(name))
+
+
+def redact_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` without any credential (see :data:`SECRET_OPTION`), ``model_config`` included."""
+    clean = {key: value for key, value in settings.items() if not is_secret_option(str(key))}
+    if isinstance(clean.get(MODEL_CONFIG_KEY), dict):
+        clean[MODEL_CONFIG_KEY] = {
+            key: value for key, value in clean[MODEL_CONFIG_KEY].items() if not is_secret_option(str(key))
+        }
+    return clean
 
 
 @dataclass
@@ -202,8 +222,9 @@ class Experiment:
 
     def to_yaml(self) -> str:
         """The YAML file that reproduces this run: the config file with its ``extends`` chain
-        resolved and the overrides applied (so it stands alone, next to the exported model)."""
-        return yaml.safe_dump(self.settings, sort_keys=False, allow_unicode=True)
+        resolved and the overrides applied (so it stands alone, next to the exported model). Credentials
+        (``hub_token``, ...) are never part of it: a rerun takes the logged-in token."""
+        return yaml.safe_dump(redact_settings(self.settings), sort_keys=False, allow_unicode=True)
 
 
 def _known_fields() -> set[str]:
@@ -348,4 +369,5 @@ def parse_experiment(config_path: str | Path | None, argv: list[str] | None = No
                 recorded[name] = value.value if isinstance(value, Enum) else value
     if model_config:
         recorded[MODEL_CONFIG_KEY] = model_config
-    return Experiment(model_args, data_args, training_args, recorded)
+    # A credential is used for the run (training_args.hub_token) but never recorded.
+    return Experiment(model_args, data_args, training_args, redact_settings(recorded))

@@ -239,9 +239,10 @@ def resolve_checkpoint(resume: str | None, output_dir: str) -> str | None:
 
 
 def _trainer_args(training_args: FusionTrainingArguments) -> FusionTrainingArguments:
-    """The Trainer's copy of the arguments: the Trainer never pushes (we push the exported folder)
-    and resumption is handled here."""
-    return replace(training_args, push_to_hub=False, resume_from_checkpoint=None)
+    """The Trainer's copy of the arguments: the Trainer never pushes (we push the exported folder),
+    so it holds no Hub token (it pickles its arguments into every checkpoint's
+    ``training_args.bin``), and resumption is handled here."""
+    return replace(training_args, push_to_hub=False, resume_from_checkpoint=None, hub_token=None)
 
 
 def _callbacks(training_args: FusionTrainingArguments, title: str) -> list[TrainerCallback]:
