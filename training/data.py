@@ -93,7 +93,7 @@ def _check_file(split: str, path: Path, suffix: str) -> None:
                 whole_json = True  # one JSON document (an array of rows), checked as a whole below
             blank = False
             if suffix in (".jsonl", ".json") and not whole_json:
-                _check_json_text(f"{name} line {number}", line)
+                _check_json_text(f"{name} line {number}", line.strip())
             elif suffix in (".tsv", ".csv"):
                 fields = len(line.rstrip("\r\n").split("\t")) if suffix == ".tsv" else len(next(csv.reader([line]), []))
                 if header_fields is None:
