@@ -230,7 +230,8 @@ def test_bad_input_is_one_clear_line(case: str, tmp_path: Path, capsys: pytest.C
     options, expected = cases[case]
     status = main(["train", config, "--output_dir", str(tmp_path / "run"), *QUIET, *options])
     error = capsys.readouterr().err
-    assert status == 2
+    # Exit status 3: bad data; 2: bad options (training/errors.py, docs/guarantees.md).
+    assert status == (3 if case in ("missing_file", "empty_file", "missing_column") else 2)
     message = [line for line in error.splitlines() if line.startswith("hf-fusion train: error:")]
     assert len(message) == 1 and expected in message[0], error
     assert "Traceback" not in error

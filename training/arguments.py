@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -30,8 +31,46 @@ from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
 import hf_fusion
 
+from .errors import ModelLoadError
+
 MODEL_CONFIG_KEY = "model_config"
 EXTENDS_KEY = "extends"
+
+# Option names that hold a credential (``hub_token``, any ``*_secret``/``*_password``/``*_api_key``):
+# they are used for the run and never recorded (experiment.yaml, model card, logs, checkpoints).
+SECRET_OPTION = re.compile(r"(^|_)(token|secret|password|passwd|api_key|apikey|credentials?)$", re.IGNORECASE)
+
+
+def is_secret_option(name: str) -> bool:
+    """Whether option ``name`` holds a credential that must never be written anywhere."""
+    return bool(SECRET_OPTION.search(name))
+
+
+def redact_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` without any credential (see :data:`SECRET_OPTION`), ``model_config`` included."""
+    clean = {key: value for key, value in settings.items() if not is_secret_option(str(key))}
+    if isinstance(clean.get(MODEL_CONFIG_KEY), dict):
+        clean[MODEL_CONFIG_KEY] = {
+            key: value for key, value in clean[MODEL_CONFIG_KEY].items() if not is_secret_option(str(key))
+        }
+    return clean
+
+
+def _check_pretrained_location(option: str, value: str | None) -> None:
+    """Refuse a local path that does not exist (else ``from_pretrained`` takes it for a Hub id and
+    fails with "Repo id must be in the form ..."). A Hub id is ``NAME`` or ``NAMESPACE/NAME``."""
+    if value is None:
+        return
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise ModelLoadError(f"{option}={value!r} is a file; give the folder that holds it (config.json, tokenizer.json).")
+    if value.startswith(("/", ".", "~")) or value.count("/") > 1 or "\\" in value or value.endswith("/"):
+        raise ModelLoadError(
+            f"{option}={value!r} does not exist: give an existing folder written by save_pretrained, or a Hub id "
+            "NAMESPACE/NAME."
+        )
 
 
 @dataclass
@@ -61,8 +100,10 @@ class ModelArguments:
     model_config: dict[str, Any] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
-        # A family typo fails here, before any data work; config fields are checked when the
-        # config is built (once, sized to the tokenizer).
+        # A family typo or a missing folder fails here, before any data work; config fields are
+        # checked when the config is built (once, sized to the tokenizer).
+        for option in ("model_name_or_path", "tokenizer_name_or_path"):
+            _check_pretrained_location(option, getattr(self, option))
         if self.model_name_or_path is None and self.model_type not in hf_fusion.MODEL_FAMILIES:
             raise ValueError(
                 f"model_type={self.model_type!r} is not an hf_fusion family; allowed: "
@@ -163,6 +204,12 @@ class FusionTrainingArguments(Seq2SeqTrainingArguments):
                 "label_smoothing_factor is not used by hf_fusion: set model_config.label_smoothing instead "
                 "(the model computes its own loss; heads such as SurfaceFusion smooth several distributions)."
             )
+        if not isinstance(self.final_num_beams, int) or self.final_num_beams < 1:
+            raise ValueError(f"final_num_beams={self.final_num_beams!r} must be a whole number >= 1 (1 = greedy).")
+        if self.generation_num_beams is not None and self.generation_num_beams < 1:
+            raise ValueError(f"generation_num_beams={self.generation_num_beams!r} must be >= 1 (1 = greedy).")
+        if self.generation_max_length is not None and self.generation_max_length < 1:
+            raise ValueError(f"generation_max_length={self.generation_max_length!r} must be >= 1.")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision = {self.precision!r} is not supported; allowed: {', '.join(PRECISIONS)}.")
         if self.precision == "auto" and not self.use_cpu and torch.cuda.is_available():
@@ -202,8 +249,9 @@ class Experiment:
 
     def to_yaml(self) -> str:
         """The YAML file that reproduces this run: the config file with its ``extends`` chain
-        resolved and the overrides applied (so it stands alone, next to the exported model)."""
-        return yaml.safe_dump(self.settings, sort_keys=False, allow_unicode=True)
+        resolved and the overrides applied (so it stands alone, next to the exported model). Credentials
+        (``hub_token``, ...) are never part of it: a rerun takes the logged-in token."""
+        return yaml.safe_dump(redact_settings(self.settings), sort_keys=False, allow_unicode=True)
 
 
 def _known_fields() -> set[str]:
@@ -348,4 +396,5 @@ def parse_experiment(config_path: str | Path | None, argv: list[str] | None = No
                 recorded[name] = value.value if isinstance(value, Enum) else value
     if model_config:
         recorded[MODEL_CONFIG_KEY] = model_config
-    return Experiment(model_args, data_args, training_args, recorded)
+    # A credential is used for the run (training_args.hub_token) but never recorded.
+    return Experiment(model_args, data_args, training_args, redact_settings(recorded))

@@ -17,14 +17,22 @@ other checkpoints.
 its keys, ``hf-fusion train --help`` lists them all; ``--model_config.FIELD value`` sets a config
 field of the model, in every command that builds one. Multi-process training:
 ``torchrun --nproc_per_node N -m training.cli train CONFIG.yaml`` (CPU processes use gloo).
-Errors in the data or the options are reported as one line, exit status 2
-(``HF_FUSION_TRACEBACK=1`` shows the traceback). ``hf-fusion-convert``, ``hf-fusion-transfer``
+Every anticipated failure is reported as one line (``hf-fusion COMMAND: error: what; how to fix``)
+with an exit status per class of failure (``HF_FUSION_TRACEBACK=1`` shows the traceback);
+anything unanticipated keeps its traceback, exit status 1. ``docs/guarantees.md`` has the table:
+
+    0 success            2 bad options/config   3 bad data file       4 output folder in use
+    5 cannot resume      6 set-up missing       7 model/tokenizer     8 file system (disk full, permissions)
+    130 interrupted (resume with --resume_from_checkpoint true)
+
+``hf-fusion-convert``, ``hf-fusion-transfer``
 and ``hf-fusion-pretrain-e2s2`` are the same commands under their old names.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -34,6 +42,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from .arguments import ARGUMENT_CLASSES, Experiment, parse_experiment, split_config_options
+from .errors import EXIT_FILESYSTEM, EXIT_INTERRUPTED, EXIT_USAGE, HfFusionError
 from .evaluate_file import check_output_dir
 
 logger = logging.getLogger("training")
@@ -264,11 +273,39 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return HANDLERS[command](rest)
-    except (ValueError, FileNotFoundError) as error:
-        if os.environ.get("HF_FUSION_TRACEBACK"):
+    except BaseException as error:  # noqa: BLE001 -- re-raised below unless anticipated
+        status = exit_status(error)
+        if status is None or os.environ.get("HF_FUSION_TRACEBACK"):
             raise
-        print(f"hf-fusion {command}: error: {error}", file=sys.stderr)
-        return 2
+        print(f"hf-fusion {command}: error: {one_line(error)}", file=sys.stderr)
+        return status
+
+
+def exit_status(error: BaseException) -> int | None:
+    """The exit status of an anticipated failure (``training/errors.py``), None for a bug."""
+    if isinstance(error, HfFusionError):
+        return error.exit_code
+    if isinstance(error, (ValueError, FileNotFoundError)):
+        return EXIT_USAGE
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(error, OSError) and error.errno in FILESYSTEM_ERRNOS:
+        return EXIT_FILESYSTEM
+    return None
+
+
+FILESYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line, with the fix for the generic classes."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted; a run with checkpoints continues with --resume_from_checkpoint true."
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and error.errno in FILESYSTEM_ERRNOS:
+        where = f" ({error.filename})" if error.filename else ""
+        fix = "free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "fix the permissions"
+        return f"{error.strerror or error}{where}: {fix}, then rerun (add --resume_from_checkpoint true to continue)."
+    return " ".join(str(error).split())
 
 
 def _alias(command: str) -> Callable[[], int]:

@@ -3,7 +3,9 @@
 :func:`build_default_corpus` builds a :class:`datasets.DatasetDict` (splits ``train`` /
 ``validation`` / ``test``, string columns ``source`` and ``target``) from a Debian package: fetched
 with ``apt-get download`` and unpacked with ``dpkg-deb -x`` into a cache folder, so no root is
-needed; an already installed copy of the package is used as is. The default, ``"ding"``, is
+needed; an already installed copy of the package is used as is. The library never runs ``apt-get
+update`` or ``apt-get install``: changing the system's packages is ``scripts/setup.sh``'s job, and
+the error names the command. The default, ``"ding"``, is
 English -> German example sentences from the Ding dictionary (Debian ``trans-de-en``, GPL-2+):
 short everyday sentences, small enough to train a tiny model on a CPU. ``"libreoffice"`` is
 English -> German LibreOffice help paragraphs (MPL-2.0): longer, more technical text.
@@ -45,6 +47,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import datasets
+
+from .errors import SetupError
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +92,8 @@ def fetch_debian_package(package: str, data_path: str, cache_root: Path) -> tupl
         package. ``version`` is the Debian package version, recorded in the corpus' build info.
 
     Raises:
-        RuntimeError: when neither an installed copy nor ``apt-get download`` is available; the
-            message says which command fixes it.
+        SetupError (a RuntimeError): when neither an installed copy nor ``apt-get download`` is
+            available; the message gives the command that installs the package.
     """
     if _installed(data_path):
         query = _run(["dpkg-query", "-W", "-f=${Version}", package], cwd=Path("/"))
@@ -101,30 +105,28 @@ def fetch_debian_package(package: str, data_path: str, cache_root: Path) -> tupl
         return unpacked, version_file.read_text().strip()
 
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        raise RuntimeError(
+        raise SetupError(
             f"Debian package {package!r} is needed to build this corpus, but apt-get/dpkg-deb are not "
             "available on this system. Use load_parallel_data(train_file=...) with your own files instead."
         )
     cache_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_root, prefix=f".{package}-") as tmp:
         workdir = Path(tmp)
+        # Only a download into our own cache: changing the system's packages or package lists
+        # (apt-get update / install) is the set-up script's job, never this library's.
         download = _run(["apt-get", "download", package], cwd=workdir)
-        if download.returncode != 0 and os.geteuid() == 0:
-            # A fresh container often has no package lists yet; as root we can fetch them once.
-            logger.info("apt-get download %s failed; running apt-get update once", package)
-            _run(["apt-get", "update"], cwd=workdir)
-            download = _run(["apt-get", "download", package], cwd=workdir)
         debs = sorted(workdir.glob(f"{package}_*.deb"))
         if download.returncode != 0 or not debs:
-            raise RuntimeError(
-                f"`apt-get download {package}` failed:\n{download.stderr.strip()}\n"
-                f"Fix it with `sudo apt-get update` (package lists missing) or install the package with "
-                f"`sudo apt-get install -y {package}`."
+            raise SetupError(
+                f"the built-in corpus needs Debian package {package!r}, and `apt-get download {package}` failed "
+                f"({download.stderr.strip().splitlines()[-1] if download.stderr.strip() else 'no .deb written'}); "
+                f"install it with `sudo apt-get update && sudo apt-get install -y {package}` (or run "
+                "`bash scripts/setup.sh`), or train on your own files with --train_file."
             )
         target = workdir / "root"
         unpack = _run(["dpkg-deb", "-x", str(debs[0]), str(target)], cwd=workdir)
         if unpack.returncode != 0:
-            raise RuntimeError(f"`dpkg-deb -x {debs[0].name}` failed:\n{unpack.stderr.strip()}")
+            raise SetupError(f"`dpkg-deb -x {debs[0].name}` failed:\n{unpack.stderr.strip()}")
         version = _run(["dpkg-deb", "-f", str(debs[0]), "Version"], cwd=workdir).stdout.strip()
         (target / "VERSION").write_text(version + "\n")
         unpacked.parent.mkdir(parents=True, exist_ok=True)

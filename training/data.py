@@ -11,6 +11,8 @@ string columns, ``source`` and ``target``, from any of:
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
 import os
 import re
@@ -19,6 +21,7 @@ from pathlib import Path
 import datasets
 
 from .corpora import BUILTIN_CORPORA, PAIR_FEATURES, build_default_corpus
+from .errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +35,79 @@ _FILE_BUILDERS: dict[str, tuple[str, dict]] = {
 }
 
 
-def _is_blank(path: Path, chunk_size: int = 1 << 16) -> bool:
-    """True if the file holds only whitespace (read lazily: big files stop at the first text)."""
-    with open(path, encoding="utf-8") as handle:
-        while chunk := handle.read(chunk_size):
-            if chunk.strip():
-                return False
-    return True
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+_UTF8_FIX = "re-save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`)"
+
+
+def _check_json_text(where: str, text: str) -> None:
+    """One JSON object: parses, no key twice."""
+    try:
+        value = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as duplicate:
+        raise DataError(f"{where} has the key {duplicate.args[0]!r} twice; keep one of them.") from None
+    except json.JSONDecodeError as error:
+        raise DataError(
+            f"{where} is not valid JSON ({error.msg} at column {error.colno}; a truncated line?): each line must be "
+            'one complete object like {"source": "...", "target": "..."}.'
+        ) from None
+    if not isinstance(value, (dict, list)):
+        raise DataError(f"{where} is not a JSON object: each line must be an object like {{\"source\": ..., \"target\": ...}}.")
+
+
+def _check_file(split: str, path: Path, suffix: str) -> None:
+    """Read the whole file once and refuse what the loader would choke on, naming the file, the
+    line and the fix: a folder, no text, bytes that are not UTF-8, a line that is not one complete
+    JSON object (or has a key twice), a TSV/CSV row with more fields than the header."""
+    name = f"{split}_file={str(path)!r}"
+    if path.is_dir():
+        raise DataError(f"{name} is a directory; give one {suffix} file inside it.")
+    if not path.is_file():
+        raise DataError(f"{name} does not exist.")
+    whole_json = None
+    header_fields = None
+    blank = True
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(
+                    f"{name} line {number}: byte 0x{raw[error.start]:02x} at column {error.start + 1} is not UTF-8; "
+                    f"{_UTF8_FIX}."
+                ) from None
+            if not line.strip():
+                continue
+            if blank and suffix == ".json" and line.lstrip().startswith("["):
+                whole_json = True  # one JSON document (an array of rows), checked as a whole below
+            blank = False
+            if suffix in (".jsonl", ".json") and not whole_json:
+                _check_json_text(f"{name} line {number}", line.strip())
+            elif suffix in (".tsv", ".csv"):
+                fields = len(line.rstrip("\r\n").split("\t")) if suffix == ".tsv" else len(next(csv.reader([line]), []))
+                if header_fields is None:
+                    header_fields = fields
+                elif fields > header_fields:
+                    separator = "tab-separated" if suffix == ".tsv" else "comma-separated"
+                    raise DataError(
+                        f"{name} line {number} has {fields} {separator} fields but the header has {header_fields}: "
+                        f"remove the extra {'tab' if suffix == '.tsv' else 'comma (or quote the cell)'} in that row."
+                    )
+    if blank:
+        raise DataError(f"{name} is empty.")
+    if whole_json:
+        _check_json_text(name, path.read_text(encoding="utf-8"))
 
 
 def _file_builder(files: dict[str, str]) -> tuple[str, dict]:
@@ -46,16 +115,13 @@ def _file_builder(files: dict[str, str]) -> tuple[str, dict]:
     for split, path in files.items():
         suffix = Path(path).suffix.lower()
         if suffix not in _FILE_BUILDERS:
-            raise ValueError(
+            raise DataError(
                 f"{split}_file={path!r} has an unsupported extension {suffix!r}; allowed: {sorted(_FILE_BUILDERS)}."
             )
-        if not Path(path).is_file():
-            raise ValueError(f"{split}_file={path!r} does not exist.")
-        if _is_blank(Path(path)):
-            raise ValueError(f"{split}_file={path!r} is empty.")
+        _check_file(split, Path(path), suffix)
         suffixes.add(_FILE_BUILDERS[suffix][0] + str(_FILE_BUILDERS[suffix][1]))
     if len(suffixes) > 1:
-        raise ValueError(f"All data files must have the same format; got {files}.")
+        raise DataError(f"All data files must have the same format; got {files}.")
     return _FILE_BUILDERS[Path(next(iter(files.values()))).suffix.lower()]
 
 
@@ -95,7 +161,7 @@ def _to_source_target(
             raise ValueError("Pass both source_column and target_column, or neither.")
         for field, column in (("source_column", source_column), ("target_column", target_column)):
             if column not in columns:
-                raise ValueError(f"{field}={column!r} is not a column of split {split!r}; columns: {columns}{hint}.")
+                raise DataError(f"{field}={column!r} is not a column of split {split!r}; columns: {columns}{hint}.")
         pick = (lambda row: row[source_column], lambda row: row[target_column])
     elif "translation" in columns:
         keys = _translation_keys(dataset)
@@ -112,7 +178,7 @@ def _to_source_target(
     elif source_lang in columns and target_lang in columns:
         pick = (lambda row: row[source_lang], lambda row: row[target_lang])
     else:
-        raise ValueError(
+        raise DataError(
             f"Cannot find source and target text in split {split!r}; columns: {columns}{hint}. Pass "
             "source_column and target_column, or source_lang and target_lang for a 'translation' column "
             "or language-named columns."
@@ -132,7 +198,7 @@ def _to_source_target(
     if len(kept) < len(converted):
         logger.warning("Split %r: dropped %d rows with empty source or target", split, len(converted) - len(kept))
     if len(kept) == 0:
-        raise ValueError(f"Split {split!r} has no rows with both source and target text.")
+        raise DataError(f"Split {split!r} has no rows with both source and target text.")
     return kept
 
 
@@ -192,13 +258,19 @@ def load_parallel_data(
         builder, options = _file_builder(files)
         try:
             raw = datasets.load_dataset(builder, data_files=files, cache_dir=cache, **options)
+        except datasets.exceptions.DatasetGenerationError as error:
+            cause = error.__cause__ or error
+            raise DataError(
+                f"could not read the data files {files} as {builder}: {' '.join(str(cause).split())}; fix the row it "
+                "names (one pair per row, the header's columns)."
+            ) from error
         except ValueError as error:
             # datasets' message for a file without data rows (e.g. a csv header only) names no file.
             empty = re.search(r'Instruction "(\w+)" corresponds to no data', str(error))
             if empty is None:
                 raise
             split = empty.group(1)
-            raise ValueError(f"{split}_file={files[split]!r} has no data rows.") from error
+            raise DataError(f"{split}_file={files[split]!r} has no data rows.") from error
     else:
         raw = datasets.load_dataset(dataset_name, dataset_config, cache_dir=cache)
     if not isinstance(raw, datasets.DatasetDict) or (require_train and "train" not in raw):

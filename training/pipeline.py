@@ -14,11 +14,17 @@ first and the others then read the result; export and push run on the main proce
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
+import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+import re
+import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -37,7 +43,6 @@ from transformers import (
     TrainerCallback,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 import hf_fusion
 from hf_fusion.convert import ARCHITECTURES
@@ -46,6 +51,7 @@ from .arguments import DataArguments, Experiment, FusionTrainingArguments, Model
 from .batching import PairCollator, TokenizedPairs, tokenize_pairs
 from .curves import TrainingCurvesCallback
 from .data import load_parallel_data
+from .errors import ModelLoadError, OutputDirBusyError, ResumeError, UsageError
 from .export import export_model, push_folder
 from .metrics import load_translation_metric
 from .model_card import card_facts, render_model_card
@@ -56,6 +62,63 @@ logger = logging.getLogger(__name__)
 
 TOKENIZER_SUBDIR = "tokenizer"
 RESULTS_FILE = "results.json"
+LOCK_FILE = ".lock"
+# What the run started on (the training data's content hash), checked when it resumes.
+RUN_DATA_FILE = "run_data.json"
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+# The Trainer writes a checkpoint's weights first and trainer_state.json last: a folder with both
+# (and a trainer_state.json that parses) is complete.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+# --- the output folder: one run at a time ------------------------------------------------------
+@contextlib.contextmanager
+def output_dir_lock(output_dir: str | os.PathLike, enabled: bool = True) -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``OUTPUT_DIR/.lock`` for the body (the whole run), with
+    the holder's pid, host and start time written in it; a second run into the same folder fails at
+    once with :class:`OutputDirBusyError` naming the holder. The kernel drops the lock when the
+    holder dies (even by ``kill -9``), so a crashed run never leaves the folder locked."""
+    if not enabled:
+        yield
+        return
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "holder unknown"
+            raise OutputDirBusyError(
+                f"{folder} is in use by another run ({holder}); wait for it to finish, or choose another "
+                "--output_dir."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(
+            f"pid {os.getpid()} on host {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+        )
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            handle.flush()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        handle.close()
+
+
+def train_data_hash(train: datasets.Dataset) -> str:
+    """SHA-256 of the training pairs' text, in order (a content hash: independent of the file's
+    path, time stamps and the datasets cache)."""
+    digest = hashlib.sha256()
+    for batch in train.select_columns(["source", "target"]).iter(batch_size=10_000):
+        for source, target in zip(batch["source"], batch["target"]):
+            digest.update(source.encode("utf-8") + b"\x00" + target.encode("utf-8") + b"\x01")
+    return digest.hexdigest()
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -85,7 +148,21 @@ def load_splits(data_args: DataArguments) -> datasets.DatasetDict:
 
 
 def _tokenizer_fingerprint(data_args: DataArguments, train: datasets.Dataset) -> str:
-    return json.dumps({"train": train._fingerprint, "vocab_size": data_args.tokenizer_vocab_size})
+    return json.dumps({"train": train_data_hash(train), "vocab_size": data_args.tokenizer_vocab_size})
+
+
+def load_tokenizer(name_or_path: str, what: str = "tokenizer_name_or_path") -> Any:
+    """``AutoTokenizer.from_pretrained`` with a one-line error naming the option and the fix."""
+    local = Path(name_or_path).expanduser()
+    if local.exists() and not local.is_dir():
+        raise ModelLoadError(f"{what}={name_or_path!r} is a file; give the folder that holds tokenizer.json.")
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"{what}={name_or_path!r} could not be loaded as a tokenizer ({str(error).splitlines()[0]}); give a "
+            "folder written by save_pretrained (with tokenizer.json) or a Hub id."
+        ) from error
 
 
 def get_tokenizer(
@@ -93,18 +170,32 @@ def get_tokenizer(
     data_args: DataArguments,
     training_args: FusionTrainingArguments,
     train: datasets.Dataset | None,
+    checkpoint: str | None = None,
 ) -> Any:
     """The run's tokenizer: an existing one (by path), the checkpoint's, or one trained on ``train``.
 
     A trained tokenizer is saved to ``OUTPUT_DIR/tokenizer`` with the fingerprint of the data it
-    was trained on, and reused by a resumed run and by the other processes of a distributed run.
-    Its length limit is the model's, set once the model exists (:func:`train`).
+    was trained on, and reused by the other processes of a distributed run. A resumed run
+    (``checkpoint``) never trains one: it uses exactly the tokenizer saved in the checkpoint (else
+    ``OUTPUT_DIR/tokenizer``). Its length limit is the model's, set once the model exists
+    (:func:`train`).
     """
     if not model_args.trains_tokenizer:
-        return AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
+        name = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+        what = "tokenizer_name_or_path" if model_args.tokenizer_name_or_path else "model_name_or_path"
+        return load_tokenizer(name, what)
+    folder = Path(training_args.output_dir) / TOKENIZER_SUBDIR
+    if checkpoint is not None:
+        for saved in (Path(checkpoint), folder):
+            if (saved / "tokenizer.json").is_file():
+                logger.info("Resuming with the tokenizer the run started with (%s)", saved)
+                return AutoTokenizer.from_pretrained(saved)
+        raise ResumeError(
+            f"Cannot resume from {checkpoint}: neither it nor {folder} holds the tokenizer the run started with "
+            "(tokenizer.json); start a new run in another --output_dir."
+        )
     if train is None:
         raise ValueError("A tokenizer can only be trained on a train split; give tokenizer_name_or_path.")
-    folder = Path(training_args.output_dir) / TOKENIZER_SUBDIR
     fingerprint = _tokenizer_fingerprint(data_args, train)
     with training_args.main_process_first(desc="training the tokenizer"):
         stamp = folder / "trained_on.json"
@@ -154,16 +245,18 @@ def prepare_data(
     data_args: DataArguments,
     training_args: FusionTrainingArguments,
     only_split: str | None = None,
+    checkpoint: str | None = None,
 ) -> PreparedData:
     """Load, (train the tokenizer,) tokenize and length-sort every split, or only ``only_split``
-    (evaluation of a trained model, whose tokenizer comes with it)."""
+    (evaluation of a trained model, whose tokenizer comes with it). A resumed run (``checkpoint``)
+    takes the tokenizer it started with."""
     with training_args.main_process_first(desc="building the corpus"):
         splits = load_splits(data_args)
     if only_split is not None:
         if only_split not in splits:
             raise ValueError(f"The data has no {only_split!r} split; splits: {', '.join(splits)}.")
         splits = datasets.DatasetDict({only_split: splits[only_split]})
-    tokenizer = get_tokenizer(model_args, data_args, training_args, splits.get("train"))
+    tokenizer = get_tokenizer(model_args, data_args, training_args, splits.get("train"), checkpoint)
     with training_args.main_process_first(desc="tokenizing"):
         tokenized = tokenize_pairs(
             splits,
@@ -199,7 +292,13 @@ def build_model(model_args: ModelArguments, tokenizer: Any) -> PreTrainedModel:
     """
     fields = dict(model_args.model_config)
     if model_args.model_name_or_path:
-        source_type = AutoConfig.from_pretrained(model_args.model_name_or_path).model_type
+        try:
+            source_type = AutoConfig.from_pretrained(model_args.model_name_or_path).model_type
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(
+                f"model_name_or_path={model_args.model_name_or_path!r} could not be loaded "
+                f"({str(error).splitlines()[0]}); give a folder with config.json or a Hub id NAMESPACE/NAME."
+            ) from error
         if source_type in hf_fusion.MODEL_FAMILIES:
             model = AutoModelForSeq2SeqLM.from_pretrained(model_args.model_name_or_path, **fields)
         elif source_type in ARCHITECTURES:
@@ -218,30 +317,102 @@ def build_model(model_args: ModelArguments, tokenizer: Any) -> PreTrainedModel:
 
 
 # --- training -----------------------------------------------------------------------------------
+def checkpoint_folders(output_dir: str | os.PathLike) -> list[Path]:
+    """The ``checkpoint-N`` folders of ``output_dir``, newest (highest N) first."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in folder.iterdir() if (match := CHECKPOINT_NAME.match(path.name))]
+    return [path for _, path in sorted(found, reverse=True) if path.is_dir()]
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a complete checkpoint (None if it is). The Trainer writes the weights
+    first and ``trainer_state.json`` last, so a kill during the save leaves one of them missing."""
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        return "no weights (model.safetensors)"
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return "a truncated trainer_state.json"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of ``output_dir`` (half-written ones are skipped, with a warning)."""
+    for folder in checkpoint_folders(output_dir):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        logger.warning("Skipping %s: an incomplete checkpoint (%s), e.g. from a kill during its save", folder, problem)
+    return None
+
+
 def resolve_checkpoint(resume: str | None, output_dir: str) -> str | None:
-    """``--resume_from_checkpoint`` as a folder: ``true``/``last`` means the newest in OUTPUT_DIR."""
+    """``--resume_from_checkpoint`` as a folder: ``true``/``last`` means the newest *complete*
+    checkpoint in OUTPUT_DIR."""
+    existing = checkpoint_folders(output_dir)
     if resume is None or str(resume).lower() in ("false", "no", "none", ""):
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if last is not None:
-            raise ValueError(
-                f"{output_dir} already holds checkpoints ({Path(last).name}). Continue that run with "
+        if existing:
+            raise ResumeError(
+                f"{output_dir} already holds checkpoints ({existing[0].name}). Continue that run with "
                 "--resume_from_checkpoint true, or choose another --output_dir."
             )
         return None
     if str(resume).lower() in ("true", "last", "yes"):
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        last = last_complete_checkpoint(output_dir)
         if last is None:
-            raise ValueError(f"--resume_from_checkpoint true, but {output_dir} holds no checkpoint-* folder.")
-        return last
+            if existing:
+                raise ResumeError(
+                    f"--resume_from_checkpoint true, but no checkpoint in {output_dir} is complete "
+                    f"({', '.join(f'{path.name}: {checkpoint_problem(path)}' for path in existing)}); delete them to "
+                    "start afresh, or choose another --output_dir."
+                )
+            raise ResumeError(f"--resume_from_checkpoint true, but {output_dir} holds no checkpoint-* folder.")
+        return str(last)
     if not os.path.isdir(resume):
-        raise ValueError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder.")
+        raise ResumeError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder.")
+    problem = checkpoint_problem(Path(resume))
+    if problem is not None:
+        raise ResumeError(
+            f"--resume_from_checkpoint {resume!r} is an incomplete checkpoint ({problem}); pass "
+            "--resume_from_checkpoint true to take the newest complete one."
+        )
     return resume
 
 
+def check_resumed_data(train: datasets.Dataset | None, output_dir: str, checkpoint: str | None, write: bool) -> None:
+    """A fresh run records the content hash of its training data (``OUTPUT_DIR/run_data.json``); a
+    resumed run must train on the very same pairs, else it fails with :class:`ResumeError`."""
+    if train is None:
+        return
+    record = Path(output_dir) / RUN_DATA_FILE
+    current = train_data_hash(train)
+    if checkpoint is None:
+        if write:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({"train_sha256": current, "train_pairs": len(train)}) + "\n")
+        return
+    if not record.is_file():
+        logger.warning("%s is missing: cannot check that the resumed run trains on the same data", record)
+        return
+    started = json.loads(record.read_text())
+    if started.get("train_sha256") != current:
+        raise ResumeError(
+            f"Cannot resume from {checkpoint}: the training data differs from the data this run started with "
+            f"({started.get('train_pairs')} pairs then, {len(train)} now; content hash recorded in {record}). "
+            "Restore the original data (train_file, max_train_samples), or start a new run in another --output_dir."
+        )
+
+
 def _trainer_args(training_args: FusionTrainingArguments) -> FusionTrainingArguments:
-    """The Trainer's copy of the arguments: the Trainer never pushes (we push the exported folder)
-    and resumption is handled here."""
-    return replace(training_args, push_to_hub=False, resume_from_checkpoint=None)
+    """The Trainer's copy of the arguments: the Trainer never pushes (we push the exported folder),
+    so it holds no Hub token (it pickles its arguments into every checkpoint's
+    ``training_args.bin``), and resumption is handled here."""
+    return replace(training_args, push_to_hub=False, resume_from_checkpoint=None, hub_token=None)
 
 
 def _callbacks(training_args: FusionTrainingArguments, title: str) -> list[TrainerCallback]:
@@ -286,13 +457,27 @@ def build_trainer(
 
 def generation_config(model_config: PreTrainedConfig, num_beams: int, max_length: int) -> GenerationConfig:
     """The decoding defaults saved as generation_config.json (what ``generate()`` does unless told
-    otherwise): these settings and the model's special ids only, nothing filled in by a library."""
-    return GenerationConfig(
+    otherwise): these settings and the model's special ids only, nothing filled in by a library.
+
+    Validated strictly here, as ``save_pretrained`` does after training, so that an invalid
+    setting fails before the first step (``early_stopping`` is a beam-search flag, set only for
+    ``num_beams > 1``).
+    """
+    if not isinstance(num_beams, int) or num_beams < 1:
+        raise UsageError(f"final_num_beams={num_beams!r} must be a whole number >= 1 (1 = greedy decoding).")
+    if max_length < 1:
+        raise UsageError(f"generation_max_length={max_length!r} must be >= 1.")
+    config = GenerationConfig(
         num_beams=num_beams,
         max_length=max_length,
-        early_stopping=True,
+        **({"early_stopping": True} if num_beams > 1 else {}),
         **{name: getattr(model_config, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")},
     )
+    try:
+        config.validate(strict=True)
+    except ValueError as error:
+        raise UsageError(f"invalid generation settings: {' '.join(str(error).split())}") from error
+    return config
 
 
 def evaluate_split(
@@ -336,9 +521,38 @@ def train(
         export: Write the Hub-ready folder (needs an hf_fusion model).
     """
     args = experiment.training
+    with output_dir_lock(args.output_dir, enabled=args.process_index == 0):
+        return _train_locked(experiment, callbacks, model_builder, export)
+
+
+def check_lengths(data_args: DataArguments, generation_max_length: int, model_config: PreTrainedConfig) -> None:
+    """Refuse lengths the model cannot hold (they would fail inside forward, steps into training)."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if positions is None:
+        return
+    for name, value in (
+        ("max_source_length", data_args.max_source_length),
+        ("max_target_length", data_args.max_target_length),
+        ("generation_max_length", generation_max_length),
+    ):
+        if value > positions:
+            raise UsageError(
+                f"{name}={value} exceeds the model's max_position_embeddings={positions}; lower {name} or raise "
+                "model_config.max_position_embeddings."
+            )
+
+
+def _train_locked(
+    experiment: Experiment,
+    callbacks: Sequence[TrainerCallback],
+    model_builder: Callable[[Any], PreTrainedModel] | None,
+    export: bool,
+) -> RunResult:
+    args = experiment.training
     set_seed(args.seed)
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    data = prepare_data(experiment.model, experiment.data, args)
+    data = prepare_data(experiment.model, experiment.data, args, checkpoint=checkpoint)
+    check_resumed_data(data.splits.get("train"), args.output_dir, checkpoint, write=args.process_index == 0)
     if args.eval_strategy != "no" and "validation" not in data.evaluation:
         raise ValueError(
             f"eval_strategy={args.eval_strategy.value!r} needs a validation split, and the data has only "
@@ -357,6 +571,8 @@ def train(
         len(data.train),
         f"; resuming from {checkpoint}" if checkpoint else "",
     )
+    # Everything that can fail after training is checked before its first step.
+    check_lengths(experiment.data, experiment.generation_max_length, model.config)
     generation = generation_config(model.config, args.final_num_beams, experiment.generation_max_length)
     # Validation fills every library default into the model's copy; the export saves ``generation``.
     model.generation_config = copy.deepcopy(generation)

@@ -21,6 +21,7 @@ Design choices:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -83,6 +84,8 @@ def train_tokenizer(
     )
     tokenizer.decoder = decoders.Metaspace()
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    if model == "unigram":
+        tokenizer = _canonical_unigram(tokenizer)
 
     eos = SPECIAL_TOKENS["eos_token"]
     tokenizer.post_processor = processors.TemplateProcessing(
@@ -92,6 +95,24 @@ def train_tokenizer(
         # The trainers put special tokens first, in the order given; the configs rely on it.
         assert tokenizer.token_to_id(token) == expected_id, (token, tokenizer.token_to_id(token))
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=model_max_length, **SPECIAL_TOKENS)
+
+
+def _canonical_unigram(tokenizer: Tokenizer) -> Tokenizer:
+    """The trained unigram tokenizer with its pieces in a canonical order: the special tokens first
+    (ids 0-4), then every other piece sorted by its text.
+
+    The unigram trainer finds the same pieces on every run but lists them in a different order
+    (its scores differ in the last digits between processes), so ids would change from one
+    training to the next on the same text. Ids never depend on the order of a unigram vocabulary
+    for segmentation (scores do), so sorting makes a rerun of ``experiment.yaml`` give the same ids.
+    """
+    state = json.loads(tokenizer.to_str())
+    vocab = state["model"]["vocab"]
+    specials = len(SPECIAL_TOKEN_ORDER)
+    assert [piece for piece, _ in vocab[:specials]] == list(SPECIAL_TOKEN_ORDER), vocab[:specials]
+    state["model"]["vocab"] = vocab[:specials] + sorted(vocab[specials:], key=lambda item: item[0])
+    state["model"]["unk_id"] = list(SPECIAL_TOKEN_ORDER).index(SPECIAL_TOKENS["unk_token"])
+    return Tokenizer.from_str(json.dumps(state))
 
 
 def config_fields_for(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
@@ -108,16 +129,22 @@ def config_fields_for(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
 
 
 def check_tokenizer_fits(tokenizer: PreTrainedTokenizerFast, config) -> None:
-    """Raise ``ValueError`` if a model config cannot use this tokenizer.
+    """Raise ``ModelLoadError`` (a ``ValueError``) if a model config cannot use this tokenizer.
 
-    The embedding table must hold every token id (``len(tokenizer) <= config.vocab_size``) and
-    the special-token ids the model uses for padding, stopping and starting must be the
+    The embedding table must be exactly the tokenizer's size (``len(tokenizer) == config.vocab_size``:
+    a smaller tokenizer than the checkpoint's is a different tokenizer, whose ids mean other
+    pieces) and the special-token ids the model uses for padding, stopping and starting must be the
     tokenizer's. ``decoder_start_token_id`` is not a tokenizer field; it must equal the eos id
     for labels ``X </s>`` to shift into decoder inputs ``</s> X``.
     """
     problems = []
     if len(tokenizer) > config.vocab_size:
         problems.append(f"config.vocab_size={config.vocab_size} < len(tokenizer)={len(tokenizer)}")
+    elif len(tokenizer) < config.vocab_size:
+        problems.append(
+            f"config.vocab_size={config.vocab_size} > len(tokenizer)={len(tokenizer)} (a different tokenizer from the "
+            "one the model was trained with?)"
+        )
     for field in ("pad_token_id", "eos_token_id", "bos_token_id"):
         config_id, tokenizer_id = getattr(config, field, None), getattr(tokenizer, field)
         if config_id != tokenizer_id:
@@ -126,4 +153,9 @@ def check_tokenizer_fits(tokenizer: PreTrainedTokenizerFast, config) -> None:
     if start is not None and start != tokenizer.eos_token_id:
         problems.append(f"config.decoder_start_token_id={start} != tokenizer.eos_token_id={tokenizer.eos_token_id}")
     if problems:
-        raise ValueError("Tokenizer does not fit the model config: " + "; ".join(problems) + ".")
+        from .errors import ModelLoadError
+
+        raise ModelLoadError(
+            "Tokenizer does not fit the model config: " + "; ".join(problems) + ". Use the model's own tokenizer "
+            "(omit tokenizer_name_or_path), or train a model from scratch for this tokenizer."
+        )
