@@ -225,6 +225,8 @@ def test_bad_input_is_one_clear_line(case: str, tmp_path: Path, capsys: pytest.C
         "typo": ([*files, "--lerning_rate", "0.1"], "did you mean 'learning_rate'"),
         "family": ([*files, "--model_type", "fusion_transfomer"], "allowed: fusion_transformer"),
         "config_field": ([*files, "--model_config.sharing_strategy", "bogus"], "sharing_strategy = 'bogus'"),
+        "config_typo": ([*files, "--model_config.encoder_layer", "6"], "did you mean 'encoder_layers'"),
+        "config_type": ([*files, "--model_config.normalize_before", "'false'"], "normalize_before = 'false' has the wrong type"),
         "smoothing": ([*files, "--label_smoothing_factor", "0.1"], "model_config.label_smoothing"),
     }
     options, expected = cases[case]

@@ -30,6 +30,7 @@ import yaml
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
 import hf_fusion
+from hf_fusion.configuration_fusion_transformer import unknown_fields
 
 from .errors import ModelLoadError
 
@@ -387,6 +388,14 @@ def parse_experiment(config_path: str | Path | None, argv: list[str] | None = No
         raise _unknown_key_error(first.lstrip("-").split("=")[0], "the command line")
     model_config.update(config_overrides)
     model_args.model_config = model_config
+    # A config class accepts unknown fields with a warning (transformers' contract); settings a
+    # user wrote are refused instead, so a typo never trains a silently different model.
+    family = hf_fusion.MODEL_FAMILIES.get(model_args.model_type, hf_fusion.MODEL_FAMILIES["fusion_transformer"])
+    unknown = unknown_fields(family[0], model_config)
+    if unknown:
+        raise ValueError(
+            f"model_config has no field {', '.join(unknown)}; the fields are listed in `{family[0].__name__}`'s docstring."
+        )
 
     recorded = dict(defaults)
     for name in given:
