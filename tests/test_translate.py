@@ -27,15 +27,14 @@ SENTENCES = [
 LINES = ["the sea", "", "She waited for the train in the rain and the game ate memory.", "river", "The game eats up."]
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny hf_fusion model with a real (trained) tokenizer, saved as a folder."""
-    path = tmp_path_factory.mktemp("translator") / "model"
+def save_translator(path: Path, model_type: str = "fusion_transformer") -> Path:
+    """A tiny model of ``model_type`` with a real (trained) tokenizer, saved as a folder."""
     tokenizer = train_tokenizer(SENTENCES * 3, vocab_size=60, model_max_length=64)
     torch.manual_seed(0)
     model = build_tiny(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id, max_position_embeddings=64,
+        model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.eos_token_id, max_position_embeddings=64,
     ).eval()
     with torch.no_grad():  # spread the weights so that different sources give different outputs
         for parameter in model.parameters():
@@ -45,6 +44,11 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_translator(tmp_path_factory.mktemp("translator") / "model")
 
 
 def reference(model, tokenizer, line: str, **kwargs) -> str:
@@ -63,6 +67,13 @@ def test_translations_equal_generate_line_by_line_in_input_order(folder: Path) -
     expected = [reference(model, tokenizer, line, num_beams=1, do_sample=False) for line in LINES]
     assert got == expected
     assert got[1] == "" and len(set(got) - {""}) > 1  # empty stays empty; outputs differ, so order is checked
+
+
+@pytest.mark.parametrize("model_type", ["encoder_fusion", "surface_fusion", "recurrent_stacking", "depthwise_lstm"])
+def test_every_family_translates_like_generate(model_type: str, tmp_path: Path) -> None:
+    model, tokenizer = load_translator(str(save_translator(tmp_path / model_type, model_type)))
+    got = translate_lines(model, tokenizer, LINES, DecodingOptions(num_beams=2, max_tokens=20))
+    assert got == [reference(model, tokenizer, line, num_beams=2, do_sample=False) for line in LINES]
 
 
 def test_beam_search_translations_equal_generate(folder: Path) -> None:
