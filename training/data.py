@@ -45,7 +45,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
 
 
 class _DuplicateKey(Exception):
-    pass
+    """A JSON object with a key twice (``json`` keeps the last silently; a data file must not)."""
 
 
 _UTF8_FIX = "re-save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`)"

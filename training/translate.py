@@ -142,21 +142,11 @@ def translate_lines(
     return translations
 
 
-class _NoBar:
-    def update(self, count: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress_bar(total: int, enabled: bool):
-    """A tqdm bar on standard error (standard output carries the translations)."""
-    if not enabled:
-        return _NoBar()
+    """A tqdm bar on standard error (standard output carries the translations); silent when off."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="line", file=sys.stderr, desc="translating")
+    return tqdm(total=total, unit="line", file=sys.stderr, desc="translating", disable=not enabled)
 
 
 def read_lines(inputs: Iterable[TextIO]) -> list[str]:

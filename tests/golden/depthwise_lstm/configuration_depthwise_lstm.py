@@ -25,7 +25,8 @@ class DepthwiseLSTMConfig(FusionTransformerConfig):
             ``fusion_transformer`` family).
         dlstm_decoder_mode: ``"per_sublayer"`` (default) or ``"concat"``.
         dlstm_gate_norm: ``"per_gate"`` (default) or ``"joint"``.
-        dlstm_activation: ``"relu"`` (default) or ``"gelu"``.
+        dlstm_activation: ``"relu"`` (default), ``"gelu"`` or ``"tanh"`` (the signed activation of the
+            authors' Neutron cells).
         dlstm_candidate: ``"linear"`` (default) or ``"ffn"``.
         add_final_layer_norm: Defaults to ``True`` here.
 

@@ -25,6 +25,10 @@ from typing import Any
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import Seq2SeqLMOutput
 
+# The transformers releases the model code was tested on (docs/transformers_contract.md): the floor
+# of pyproject.toml and the newest release at the last submission. Model cards state this range.
+TESTED_TRANSFORMERS_RELEASES: tuple[str, ...] = ("5.23.0", "5.24.0")
+
 # "cache" from transformers 5.24, "past_key_values" before.
 CACHE_FIELD: str = "cache" if any(field.name == "cache" for field in fields(Seq2SeqLMOutput)) else "past_key_values"
 

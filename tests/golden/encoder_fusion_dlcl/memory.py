@@ -24,12 +24,14 @@ layer) for analysis and the heatmap of ``hf_fusion.visualization``.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers import initialization as init
 
-from .configuration_fusion_transformer import FusionTransformerConfig
+if TYPE_CHECKING:
+    from .configuration_fusion_transformer import FusionTransformerConfig
 
 
 class LastLayerMemory(nn.Module):
@@ -87,9 +89,9 @@ class TransparentAttentionMemory(nn.Module):
         self.embedding_layer_norm = (
             nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.fusion_embedding_layer_norm else None
         )
-        self.reset_parameters()
+        self.init_own_weights()
 
-    def reset_parameters(self) -> None:
+    def init_own_weights(self) -> None:
         """Uniform in +-sqrt(1 / (N + 1)) (skipped for weights already loaded from a checkpoint)."""
         bound = math.sqrt(1.0 / self.weight.shape[0])
         init.uniform_(self.weight, -bound, bound)
@@ -149,9 +151,9 @@ class FineGrainedLayerAttentionMemory(nn.Module):
             nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.fusion_embedding_layer_norm else None
         )
         self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.reset_parameters()
+        self.init_own_weights()
 
-    def reset_parameters(self) -> None:
+    def init_own_weights(self) -> None:
         """Uniform in +-sqrt(2 / (M + N + 1)) (skipped for weights already loaded)."""
         bound = math.sqrt(2.0 / (self.weight.shape[0] + self.weight.shape[1]))
         init.uniform_(self.weight, -bound, bound)

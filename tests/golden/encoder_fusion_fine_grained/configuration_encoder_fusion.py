@@ -33,8 +33,8 @@ class EncoderFusionConfig(FusionTransformerConfig):
         fusion_mode: ``"fine_grained"`` (default: the paper-named "EncoderFusion", per-dimension
             layer attention), ``"transparent"`` (scalar layer attention) or ``"dlcl"`` (dynamic
             linear combination of layers inside encoder and decoder). It owns the seam field it
-            maps to: leaving that field at its default or giving the same value is fine, any
-            other value is refused.
+            maps to: leaving that field unset or giving the same value is fine, any other value
+            (the core default included) is refused.
         **kwargs: Every [`FusionTransformerConfig`] field.
 
     Example:
@@ -50,20 +50,26 @@ class EncoderFusionConfig(FusionTransformerConfig):
     model_type = "encoder_fusion"
 
     fusion_mode: str = "fine_grained"
+    # Left unset (None), these seam fields are filled in from fusion_mode; set explicitly, they must
+    # agree with it, so that an explicit choice is never silently rewritten.
+    encoder_memory: str | None = None
+    depth_connection: str | None = None
 
     def validate_fields(self) -> None:
         """Map ``fusion_mode`` onto its seam field, then validate every core field."""
         name = type(self).__name__
         check_choice(name, "fusion_mode", self.fusion_mode, FUSION_MODES)
-        field, value = FUSION_MODES[self.fusion_mode]
-        current = getattr(self, field)
-        core_default = FusionTransformerConfig.__dataclass_fields__[field].default
-        if current not in (core_default, value):
+        owned, value = FUSION_MODES[self.fusion_mode]
+        current = getattr(self, owned)
+        if current not in (None, value):
             raise ValueError(
-                f"{name}.{field} = {current!r} contradicts fusion_mode = {self.fusion_mode!r}, which sets "
-                f"{field} = {value!r}; allowed {field}: {core_default!r} or {value!r} (or pick another fusion_mode)."
+                f"{name}.{owned} = {current!r} contradicts fusion_mode = {self.fusion_mode!r}, which sets "
+                f"{owned} = {value!r}; allowed {owned}: {value!r} or unset (or pick another fusion_mode)."
             )
-        setattr(self, field, value)
+        setattr(self, owned, value)
+        for field in ("encoder_memory", "depth_connection"):
+            if getattr(self, field) is None:
+                setattr(self, field, FusionTransformerConfig.__dataclass_fields__[field].default)
         super().validate_fields()
 
 

@@ -19,23 +19,24 @@ the allowed values instead of deep inside ``forward``.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import inspect
 import math
+import types
+import typing
 from collections.abc import Iterable
 from typing import Any
 
-from transformers import PreTrainedConfig
+from transformers import GenerationConfig, PreTrainedConfig
 from transformers.activations import ACT2FN
+from transformers.utils import logging
 
+from .seams import SEAM_CHOICES
 from .sharing import execution_plan
 
-# The allowed values of every seam key. The modeling seam tables must implement exactly these
-# (a test checks it), so adding a variant means: add its key here, its module to the table.
-SEAM_CHOICES: dict[str, tuple[str, ...]] = {
-    "sharing_strategy": ("none", "recurrent", "sequence", "cycle", "cycle_rev"),
-    "depth_connection": ("residual", "dlcl", "depthwise_lstm"),
-    "encoder_memory": ("last", "transparent", "fine_grained"),
-    "output_head": ("lm", "surface_fusion"),
-}
+logger = logging.get_logger(__name__)
+
 POSITION_EMBEDDING_TYPES = ("learned", "sinusoidal")
 # The sizes of the network: positive integers, named as in BART's config.
 SIZE_FIELDS = (
@@ -55,7 +56,7 @@ FUSION_DROPOUT_DEFAULTS: dict[str, float] = {"transparent": 0.1, "fine_grained":
 # Options of the depth-wise LSTM connection (``depth_connection = "depthwise_lstm"``).
 DLSTM_DECODER_MODES = ("per_sublayer", "concat")
 DLSTM_GATE_NORMS = ("per_gate", "joint")
-DLSTM_ACTIVATIONS = ("relu", "gelu")
+DLSTM_ACTIVATIONS = ("relu", "gelu", "tanh")
 DLSTM_CANDIDATES = ("linear", "ffn")
 SURFACE_FUSION_MODES = ("hard", "soft")
 
@@ -92,6 +93,90 @@ def check_positive_int(cls_name: str, field: str, value: Any) -> None:
     """Refuse anything but an int >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{cls_name}.{field} must be a positive integer, got {value!r}.")
+
+
+# Keyword arguments a config may receive that are not fields of the dataclasses: what
+# PreTrainedConfig itself consumes (legacy names, loading bookkeeping, generation parameters that
+# older config.json files carry and it drops) and what save_pretrained writes besides the fields.
+PRETRAINED_CONFIG_KWARGS = frozenset(
+    {
+        "auto_map", "model_type", "torch_dtype", "num_labels", "name_or_path", "_name_or_path", "_commit_hash",
+        "output_attentions", "attn_implementation", "experts_implementation", "per_layer_config",
+        "use_return_dict", "rope_scaling", "rope_theta",
+        *GenerationConfig._get_default_generation_params(),
+    }
+)
+# Fields of other seq2seq configs (BART, Marian) that these models do not read but that converted
+# or hand-written configs commonly carry; accepted and ignored, as BART ignores them on inference.
+IGNORED_BART_FIELDS = frozenset(
+    {"encoder_layerdrop", "decoder_layerdrop", "classifier_dropout", "num_labels", "gradient_checkpointing",
+     "share_encoder_decoder_embeddings", "decoder_vocab_size", "normalize_embedding", "static_position_embeddings",
+     "add_bias_logits", "extra_pos_embeddings", "do_blenderbot_90_layernorm"}
+)
+
+
+def unknown_fields(config_class: type, names: Iterable[str]) -> list[str]:
+    """The names among ``names`` that are no field of ``config_class``, each with the closest
+    field name when there is one: ``["'encoder_layer' (did you mean 'encoder_layers'?)"]``."""
+    known = {field.name for field in dataclasses.fields(config_class)} | set(config_class.attribute_map)
+    described = []
+    for name in sorted(set(names) - known - PRETRAINED_CONFIG_KWARGS - IGNORED_BART_FIELDS):
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        described.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return described
+
+
+def warn_unknown_fields(config_class: type, kwargs: dict[str, Any]) -> None:
+    """Warn about keyword arguments that are no field of ``config_class``.
+
+    A warning, not an error, because transformers' configs accept extra attributes by contract
+    (generic tooling sets them, e.g. every epsilon name a model might use); the training tool, which
+    reads user-written settings, refuses them outright (``training/arguments.py``).
+    """
+    unknown = unknown_fields(config_class, kwargs)
+    if unknown:
+        logger.warning(
+            "%s has no field %s; the value is stored but no model reads it.", config_class.__name__, ", ".join(unknown)
+        )
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` fits a field's annotation (ints are not bools; a float field takes ints)."""
+    if annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, option) for option in typing.get_args(annotation))
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_matches(element, item) for element in value)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def check_field_types(config: PreTrainedConfig) -> None:
+    """Check every field hf_fusion declares against its annotation: ``normalize_before: "false"``
+    (a string) must not build a pre-norm model.
+
+    Raises:
+        ValueError: naming the field, the value and the expected type.
+    """
+    hints: dict[str, Any] = {}
+    for cls in reversed(type(config).__mro__):  # a family's annotation overrides the core's
+        if isinstance(cls, type) and issubclass(cls, FusionTransformerConfig):
+            hints.update(inspect.get_annotations(cls, eval_str=True))
+    for name, hint in hints.items():
+        value = getattr(config, name)
+        if not _matches(value, hint):
+            expected = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            raise ValueError(f"{type(config).__name__}.{name} = {value!r} has the wrong type; expected {expected}.")
 
 
 class FusionTransformerConfig(PreTrainedConfig):
@@ -137,10 +222,11 @@ class FusionTransformerConfig(PreTrainedConfig):
         dlstm_gate_norm: LayerNorm of the LSTM pre-activations: ``"per_gate"`` (each gate, and
             the ``"linear"`` candidate, normalised on its own over d) or ``"joint"`` (all of them
             together, as the authors' Neutron cells do).
-        dlstm_activation: Activation of the LSTM candidate (the feed-forward's role): ``"relu"``
-            or ``"gelu"``.
+        dlstm_activation: Activation of the LSTM candidate (the feed-forward's role): ``"relu"``,
+            ``"gelu"`` or ``"tanh"``.
         dlstm_candidate: How the LSTM candidate is computed: ``"linear"`` (``act(LN(W x + b))``,
-            the equation of METHODS.md) or ``"ffn"`` (``W_2 act(LN(W_1 x + b_1)) + b_2`` with
+            the single projection of the equations in ``depthwise_lstm.py``) or ``"ffn"``
+            (``W_2 act(LN(W_1 x + b_1)) + b_2`` with
             inner width ``encoder_ffn_dim`` / ``decoder_ffn_dim``, as Neutron's cell does).
         encoder_memory: What each decoder layer's cross-attention reads (``"last"``: the top
             encoder layer, as in vanilla seq2seq; ``"transparent"``: a softmax-weighted sum of all
@@ -233,7 +319,27 @@ class FusionTransformerConfig(PreTrainedConfig):
     surface_fusion_heads: int = 1
     surface_fusion_ffn: bool = True
 
+    @property
+    def encoder_plan(self) -> tuple[int, ...]:
+        """The encoder's execution plan, the parameter block each encoder step runs (seam 1).
+        A property, not a field, so it never goes stale or into config.json; ``execution_plan``
+        caches it."""
+        return self._plan("encoder")
+
+    @property
+    def decoder_plan(self) -> tuple[int, ...]:
+        """The decoder's execution plan, the parameter block each decoder step runs (seam 1)."""
+        return self._plan("decoder")
+
+    def _plan(self, stack: str) -> tuple[int, ...]:
+        field = f"{stack}_unique_layers"
+        return execution_plan(
+            self.sharing_strategy, getattr(self, f"{stack}_layers"), getattr(self, field), field=f"{type(self).__name__}.{field}"
+        )
+
     def __post_init__(self, **kwargs: Any) -> None:
+        warn_unknown_fields(type(self), kwargs)
+        check_field_types(self)
         self.validate_fields()
         super().__post_init__(**kwargs)
 
@@ -242,6 +348,7 @@ class FusionTransformerConfig(PreTrainedConfig):
         name = type(self).__name__
         for field in SIZE_FIELDS:
             check_positive_int(name, field, getattr(self, field))
+        self._check_token_ids(name)
         for field in ("encoder_attention_heads", "decoder_attention_heads"):
             if self.d_model % getattr(self, field):
                 raise ValueError(
@@ -272,6 +379,18 @@ class FusionTransformerConfig(PreTrainedConfig):
         self._check_surface_fusion(name)
         self._resolve_unique_layers(name)
         self._resolve_fusion_fields(name)
+
+    def _check_token_ids(self, name: str) -> None:
+        """Every special token id is an index into the vocabulary (or ``None``); an id outside it
+        would otherwise fail deep inside an embedding lookup or a generation step."""
+        for field in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "forced_eos_token_id"):
+            value = getattr(self, field)
+            for token_id in value if isinstance(value, list) else [value]:
+                if token_id is not None and not 0 <= token_id < self.vocab_size:
+                    raise ValueError(
+                        f"{name}.{field} = {value!r} is not a token id of the vocabulary; allowed: 0 to "
+                        f"vocab_size - 1 = {self.vocab_size - 1}, or None."
+                    )
 
     def _resolve_fusion_fields(self, name: str) -> None:
         """Fill in the layer-fusion defaults of the chosen memory; refuse them without fusion."""
@@ -347,11 +466,7 @@ class FusionTransformerConfig(PreTrainedConfig):
             if self.sharing_strategy == "recurrent" and value != 1:
                 raise ValueError(f"{name}.{field} = {value} contradicts sharing_strategy='recurrent'; allowed: 1.")
             setattr(self, field, value)
-        # A schedule the layer counts do not admit is refused now, not at model build time.
+        # A schedule the layer counts do not admit is refused now, not at model build time; the
+        # plans are computed here once (execution_plan is cached) and the stacks read them.
         for stack in ("encoder", "decoder"):
-            execution_plan(
-                self.sharing_strategy,
-                getattr(self, f"{stack}_layers"),
-                getattr(self, f"{stack}_unique_layers"),
-                field=f"{name}.{stack}_unique_layers",
-            )
+            self._plan(stack)

@@ -15,7 +15,7 @@ absorbed into the LSTM cell, so a layer is "pure attention + one depth-wise LSTM
     c = f * c_prev + i * c_hat
     h = o * c                                     # no tanh on the cell output
 
-(``dlstm_candidate = "linear"``, METHODS.md). ``dlstm_candidate = "ffn"`` computes the candidate
+(``dlstm_candidate = "linear"``, the single projection the paper describes). ``dlstm_candidate = "ffn"`` computes the candidate
 as Neutron's cell does, with a whole feed-forward network: ``c_hat = W_2 act(LN(W_1 x + b_1)) + b_2``
 (inner width ``encoder_ffn_dim`` / ``decoder_ffn_dim``); the gates are then the only blocks of the
 pre-activation LayerNorm.
@@ -45,21 +45,18 @@ Choices and defaults (the paper leaves these open; each is a config field):
   step. ``"concat"`` (one step per layer, cheaper: 3d->4d instead of two 2d->4d projections) is
   offered because Neutron also has a dual-input cell for it. In ``"concat"`` the cross-attention
   queries with the self-attention output, keeping the sub-layers cascaded (unconfirmed).
-- ``dlstm_gate_norm = "per_gate"`` by default, as METHODS.md writes the equations (one LN per
+- ``dlstm_gate_norm = "per_gate"`` by default, as the equations above are written (one LN per
   gate and one for the candidate, each over d). ``"joint"`` normalises the 4·d (3·d with the
   ``"ffn"`` candidate) pre-activations together, as Neutron's ``LayerNorm((4, d))`` /
   ``LayerNorm((3, d))`` do. Both keep a (blocks, d) scale and shift, so the checkpoint layout is
   the same.
-- ``dlstm_candidate = "linear"`` by default, the single projection of METHODS.md. Caveat for deep
+- ``dlstm_candidate = "linear"`` by default, the single projection of the equations above. Caveat for deep
   stacks: a ReLU candidate is non-negative, so the cell ``c`` sums non-negative vectors over depth
-  and drifts towards one shared direction. In a freshly initialised 24+24-layer model (d_model
-  64) the decoder outputs of different tokens have mean cosine similarity 0.97 (residual: 0.04;
-  GELU 0.67, ``"ffn"`` 0.65; ``benchmarks/results/dlstm_init_diagnostic.md``), and in
-  ``benchmarks/deep_convergence.py`` that model stayed at the unigram loss while the residual
-  one trained. The ``"ffn"`` candidate is signed (it ends in a linear projection); in the same
-  run it kept improving, though more slowly than the residual model.
+  and drifts towards one shared direction; the ``"ffn"`` candidate is signed (it ends in a linear
+  projection). The project's measurements of both are in its docs (depth-wise LSTM page).
 - ``dlstm_activation = "relu"`` by default, the activation of the Transformer-base FFN the
-  candidate replaces; ``"gelu"`` is the exact (erf) GELU.
+  candidate replaces; ``"gelu"`` is the exact (erf) GELU; ``"tanh"`` is the signed activation
+  the authors' Neutron cells use, which keeps the cell from accumulating one sign over depth.
 - Dropout (``config.dropout``) on each attention output before it enters the cell and on the
   candidate ``c_hat``: the two places a residual layer drops its sub-layer outputs.
 - The depth-wise LSTM family config turns ``add_final_layer_norm`` on: ``h = o * c`` is not
@@ -80,6 +77,7 @@ fields the connection does not use: ``activation_function``, and ``encoder_ffn_d
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -87,9 +85,11 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .configuration_fusion_transformer import FusionTransformerConfig
-from .connections import ConnectionSpec
 from .layers import FusionAttention
+
+if TYPE_CHECKING:
+    from .configuration_fusion_transformer import FusionTransformerConfig
+
 
 GATES = 3  # input, forget and output gate
 
@@ -303,10 +303,7 @@ class DepthwiseLSTMConnection(nn.Module):
         return state[0]
 
 
-DEPTHWISE_LSTM = ConnectionSpec(DepthwiseLSTMConnection, DepthwiseLSTMEncoderLayer, DepthwiseLSTMDecoderLayer)
-
 __all__ = [
-    "DEPTHWISE_LSTM",
     "DepthwiseLSTMCell",
     "DepthwiseLSTMConnection",
     "DepthwiseLSTMDecoderLayer",

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .configuration_fusion_transformer import FusionTransformerConfig
+if TYPE_CHECKING:
+    from .configuration_fusion_transformer import FusionTransformerConfig
 
 
 def log_prob_nll(
@@ -63,6 +65,11 @@ def token_cross_entropy(
     return log_prob_nll(logits.float().log_softmax(dim=-1), labels, label_smoothing, num_items_in_batch)
 
 
+# Seam 5: named components of a loss (e.g. SurfaceFusion's ce_tgt / ce_src), still attached to the
+# graph, reported beside the loss so training tools can log them.
+LossTerms = dict[str, torch.Tensor]
+
+
 @dataclass
 class HeadContext:
     """Everything an output head may read besides the decoder output, in one object so that each
@@ -94,7 +101,7 @@ class HeadOutput:
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
-    loss_terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    loss_terms: LossTerms = field(default_factory=dict)
 
 
 class LMHead(nn.Module):

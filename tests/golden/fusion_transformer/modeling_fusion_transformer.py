@@ -1,14 +1,15 @@
 """The hf_fusion seq2seq Transformer: one readable core with five seams.
 
-Read top to bottom: seam tables, outputs, pretrained base, encoder, decoder, model, LM model.
-The vanilla configuration is BART / mBART / Marian exactly (same math, same checkpoint keys). A
-model family changes the core only through a seam, chosen by a config key:
+Read top to bottom: outputs, pretrained base, encoder, decoder, model, LM model. The vanilla
+configuration is BART / mBART / Marian exactly (same math, same checkpoint keys). A model family
+changes the core only through a seam, chosen by a config key and looked up in that seam's table
+(``seams.py``, which also writes each seam's interface down):
 
-    1. execution plan     ``sharing.execution_plan``: depth step -> parameter block
+    1. execution plan     ``config.encoder_plan`` / ``decoder_plan``: depth step -> parameter block
     2. depth connection   ``DEPTH_CONNECTIONS``: residual stream (and the layers that fit it)
     3. encoder memory     ``ENCODER_MEMORIES``: what each decoder step's cross-attention reads
     4. output head        ``OUTPUT_HEADS``: top decoder state -> logits and loss
-    5. auxiliary losses   ``loss_terms`` in the output, logged beside the loss; E2S2 wraps the model
+    5. loss terms         ``loss_terms`` in the output, logged beside the loss; E2S2 wraps the model
 
 Structure is decided in ``__init__`` from the config; ``forward`` only runs the plan. Caches are
 ``EncoderDecoderCache`` with one slot per depth *step* (never per parameter block).
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from safetensors import SafetensorError
 from torch import nn
+from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import (
@@ -30,40 +32,13 @@ from transformers.modeling_outputs import (
     Seq2SeqModelOutput,
 )
 from transformers.modeling_utils import PreTrainedModel
-from transformers import initialization as init
 from transformers.utils import can_return_tuple
 
 from .compat import cache_output, check_forward_kwargs, output_cache, resolve_cache
-from .configuration_fusion_transformer import SEAM_CHOICES, FusionTransformerConfig
-from .connections import DLCL, RESIDUAL, ConnectionSpec, DLCLConnection
-from .depthwise_lstm import DEPTHWISE_LSTM
-from .heads import HeadContext, LMHead
-from .layers import (
-    ScaledWordEmbedding,
-    SinusoidalPositionalEmbedding,
-    build_position_embedding,
-    causal_mask,
-    embedding_scale,
-    padding_mask,
-)
-from .memory import FineGrainedLayerAttentionMemory, LastLayerMemory, TransparentAttentionMemory
-from .sharing import execution_plan
-from .surface_fusion import SurfaceFusionHead
-
-# --- seam tables: config key -> implementation (keys must equal SEAM_CHOICES) ------------------
-DEPTH_CONNECTIONS: dict[str, ConnectionSpec] = {"residual": RESIDUAL, "dlcl": DLCL, "depthwise_lstm": DEPTHWISE_LSTM}
-ENCODER_MEMORIES: dict[str, type[nn.Module]] = {
-    "last": LastLayerMemory,
-    "transparent": TransparentAttentionMemory,
-    "fine_grained": FineGrainedLayerAttentionMemory,
-}
-OUTPUT_HEADS: dict[str, type[nn.Module]] = {"lm": LMHead, "surface_fusion": SurfaceFusionHead}
-SEAM_TABLES = {
-    "depth_connection": DEPTH_CONNECTIONS,
-    "encoder_memory": ENCODER_MEMORIES,
-    "output_head": OUTPUT_HEADS,
-}
-assert all(set(SEAM_TABLES[key]) == set(SEAM_CHOICES[key]) for key in SEAM_TABLES), "seam tables out of sync"
+from .configuration_fusion_transformer import FusionTransformerConfig
+from .heads import HeadContext
+from .layers import ScaledWordEmbedding, build_position_embedding, causal_mask, embedding_scale, padding_mask
+from .seams import DEPTH_CONNECTIONS, ENCODER_MEMORIES, OUTPUT_HEADS, OwnInitialisation
 
 
 def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
@@ -136,13 +111,11 @@ class FusionTransformerPreTrainedModel(PreTrainedModel):
             ) from error
 
     def _init_weights(self, module: nn.Module) -> None:
+        """HF's initialisation, then each module's own (``seams.OwnInitialisation``: the paper
+        initialisations of layer-mixing weights, derived tables, the zero logits bias)."""
         super()._init_weights(module)
-        if isinstance(module, SinusoidalPositionalEmbedding):
-            init.copy_(module.weight, module.table())
-        if isinstance(module, FusionTransformerForConditionalGeneration):
-            init.zeros_(module.final_logits_bias)
-        if isinstance(module, (TransparentAttentionMemory, FineGrainedLayerAttentionMemory, DLCLConnection)):
-            module.reset_parameters()  # the layer-mixing weights' paper initialisations
+        if isinstance(module, OwnInitialisation):
+            module.init_own_weights()
 
 
 def build_token_embedding(config: FusionTransformerConfig) -> ScaledWordEmbedding:
@@ -152,7 +125,41 @@ def build_token_embedding(config: FusionTransformerConfig) -> ScaledWordEmbeddin
     return ScaledWordEmbedding(config.vocab_size, config.d_model, config.pad_token_id, embedding_scale(config))
 
 
-class FusionTransformerEncoder(nn.Module):
+class FusionStack(nn.Module):
+    """What the encoder and the decoder share: token and position embeddings (with the optional
+    embedding LayerNorm), the parameter blocks the stack's execution plan runs, the depth
+    connection joining them, and the optional final LayerNorm. Attribute names are BART's
+    checkpoint keys.
+
+    Args:
+        config: The model config.
+        stack: ``"encoder"`` or ``"decoder"``.
+    """
+
+    def __init__(self, config: FusionTransformerConfig, stack: str):
+        super().__init__()
+        spec = DEPTH_CONNECTIONS[config.depth_connection]
+        layer_class = spec.encoder_layer if stack == "encoder" else spec.decoder_layer
+        self.config = config
+        self.dropout = config.dropout
+        self.embed_tokens = build_token_embedding(config)
+        self.embed_positions = build_position_embedding(config)
+        self.layernorm_embedding = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.layernorm_embedding else None
+        self.plan = getattr(config, f"{stack}_plan")
+        self.layers = nn.ModuleList([layer_class(config) for _ in range(getattr(config, f"{stack}_unique_layers"))])
+        self.connection = spec.connection(config, getattr(config, f"{stack}_layers"))
+        self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.add_final_layer_norm else None
+
+    def embed(self, inputs_embeds: torch.Tensor, past_len: int | torch.Tensor, side: str) -> torch.Tensor:
+        """Token embeddings (batch, len, d_model) + positions from ``past_len`` on, then the
+        embedding LayerNorm and dropout: the input of the first depth step."""
+        hidden_states = inputs_embeds + self.embed_positions(inputs_embeds.shape[1], past_len, side=side)
+        if self.layernorm_embedding is not None:
+            hidden_states = self.layernorm_embedding(hidden_states)
+        return nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+
+
+class FusionTransformerEncoder(FusionStack):
     """Embeddings, then the encoder steps of the execution plan through the depth connection.
 
     Args:
@@ -161,18 +168,8 @@ class FusionTransformerEncoder(nn.Module):
     """
 
     def __init__(self, config: FusionTransformerConfig, needs_layer_states: bool):
-        super().__init__()
-        spec = DEPTH_CONNECTIONS[config.depth_connection]
-        self.config = config
-        self.dropout = config.dropout
+        super().__init__(config, "encoder")
         self.needs_layer_states = needs_layer_states
-        self.embed_tokens = build_token_embedding(config)
-        self.embed_positions = build_position_embedding(config)
-        self.layernorm_embedding = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.layernorm_embedding else None
-        self.plan = execution_plan(config.sharing_strategy, config.encoder_layers, config.encoder_unique_layers)
-        self.layers = nn.ModuleList([spec.encoder_layer(config) for _ in range(config.encoder_unique_layers)])
-        self.connection = spec.connection(config, config.encoder_layers)
-        self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.add_final_layer_norm else None
 
     def forward(
         self,
@@ -197,10 +194,7 @@ class FusionTransformerEncoder(nn.Module):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds to the encoder.")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        hidden_states = inputs_embeds + self.embed_positions(inputs_embeds.shape[1], side="source (encoder)")
-        if self.layernorm_embedding is not None:
-            hidden_states = self.layernorm_embedding(hidden_states)
-        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+        hidden_states = self.embed(inputs_embeds, past_len=0, side="source (encoder)")
         mask = padding_mask(attention_mask)
 
         state = self.connection.start(hidden_states)
@@ -228,7 +222,7 @@ class FusionTransformerEncoder(nn.Module):
         return output if return_dict is not False else output.to_tuple()
 
 
-class FusionTransformerDecoder(nn.Module):
+class FusionTransformerDecoder(FusionStack):
     """Causal decoder: each step runs its parameter block with its own cache slot and reads the
     memory the encoder-memory seam gives it. Without encoder states (a decoder used on its own)
     the cross-attention sub-layers are skipped, as in BART.
@@ -239,18 +233,8 @@ class FusionTransformerDecoder(nn.Module):
     """
 
     def __init__(self, config: FusionTransformerConfig, memory: nn.Module):
-        super().__init__()
-        spec = DEPTH_CONNECTIONS[config.depth_connection]
-        self.config = config
-        self.dropout = config.dropout
-        self.embed_tokens = build_token_embedding(config)
-        self.embed_positions = build_position_embedding(config)
-        self.layernorm_embedding = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.layernorm_embedding else None
-        self.plan = execution_plan(config.sharing_strategy, config.decoder_layers, config.decoder_unique_layers)
-        self.layers = nn.ModuleList([spec.decoder_layer(config) for _ in range(config.decoder_unique_layers)])
-        self.connection = spec.connection(config, config.decoder_layers)
+        super().__init__(config, "decoder")
         self.memory = memory
-        self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.add_final_layer_norm else None
 
     def forward(
         self,
@@ -300,10 +284,7 @@ class FusionTransformerDecoder(nn.Module):
         past_len = cache.get_seq_length() if cache is not None else 0
         kv_len = cache.get_mask_sizes(tgt_len, 0)[0] if cache is not None else tgt_len
 
-        hidden_states = inputs_embeds + self.embed_positions(tgt_len, past_len, side="target (decoder)")
-        if self.layernorm_embedding is not None:
-            hidden_states = self.layernorm_embedding(hidden_states)
-        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+        hidden_states = self.embed(inputs_embeds, past_len, side="target (decoder)")
         self_mask = causal_mask(tgt_len, past_len, kv_len, attention_mask, inputs_embeds.device)
         cross_mask = padding_mask(encoder_attention_mask)
 
@@ -488,6 +469,10 @@ class FusionTransformerForConditionalGeneration(FusionTransformerPreTrainedModel
 
     def get_decoder(self) -> FusionTransformerDecoder:
         return self.model.decoder
+
+    def init_own_weights(self) -> None:
+        """``final_logits_bias`` starts at zero (BART's convention)."""
+        init.zeros_(self.final_logits_bias)
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head

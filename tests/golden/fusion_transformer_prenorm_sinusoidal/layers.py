@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, EncoderDecoderCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import is_torchdynamo_compiling
 
-from .configuration_fusion_transformer import FusionTransformerConfig
+if TYPE_CHECKING:
+    from .configuration_fusion_transformer import FusionTransformerConfig
 
 
 class ScaledWordEmbedding(nn.Embedding):
@@ -39,8 +42,14 @@ class ScaledWordEmbedding(nn.Embedding):
         return super().forward(input_ids) * self.embed_scale
 
 
-def check_sequence_length(seq_len: int, past_len: int, max_positions: int, side: str) -> None:
-    """Refuse a sequence longer than the position table instead of failing inside an index op."""
+def check_sequence_length(seq_len: int, past_len: int | torch.Tensor, max_positions: int, side: str) -> None:
+    """Refuse a sequence longer than the position table instead of failing inside an index op.
+
+    Skipped inside a compiled graph, where ``past_len`` is a tensor (static cache) and a Python
+    branch on it would break the graph; the eager first step of ``generate`` has checked already.
+    """
+    if is_torchdynamo_compiling():
+        return
     if past_len + seq_len > max_positions:
         raise ValueError(
             f"The {side} sequence has {past_len + seq_len} positions but the model supports at most "
@@ -62,7 +71,7 @@ class LearnedPositionalEmbedding(nn.Embedding):
     def forward(self, seq_len: int, past_len: int = 0, side: str = "input") -> torch.Tensor:
         """Return the ``(seq_len, dim)`` position embeddings for positions ``past_len ...``."""
         check_sequence_length(seq_len, past_len, self.max_positions, side)
-        positions = torch.arange(past_len, past_len + seq_len, device=self.weight.device)
+        positions = torch.arange(seq_len, device=self.weight.device) + past_len  # static shape under compile
         return super().forward(positions + self.offset)
 
 
@@ -77,6 +86,10 @@ class SinusoidalPositionalEmbedding(nn.Module):
         self.embedding_dim = embedding_dim
         self.register_buffer("weight", torch.empty(max_positions, embedding_dim), persistent=False)
 
+    def init_own_weights(self) -> None:
+        """Fill the table (``_init_weights`` calls this; it is never loaded from a checkpoint)."""
+        init.copy_(self.weight, self.table())
+
     def table(self) -> torch.Tensor:
         """The ``(max_positions, dim)`` table, computed in float64 then cast, as Marian does."""
         position = torch.arange(self.max_positions, dtype=torch.float64)[:, None]
@@ -90,7 +103,8 @@ class SinusoidalPositionalEmbedding(nn.Module):
 
     def forward(self, seq_len: int, past_len: int = 0, side: str = "input") -> torch.Tensor:
         check_sequence_length(seq_len, past_len, self.max_positions, side)
-        return self.weight[past_len : past_len + seq_len]
+        positions = torch.arange(seq_len, device=self.weight.device) + past_len  # static shape under compile
+        return self.weight.index_select(0, positions)
 
 
 def build_position_embedding(config: FusionTransformerConfig) -> nn.Module:

@@ -72,13 +72,16 @@ Deviations from the reference code, none of which changes the equations above:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .configuration_fusion_transformer import FusionTransformerConfig
 from .heads import HeadContext, HeadOutput, log_prob_nll
 from .layers import FusionAttention, padding_mask
+
+if TYPE_CHECKING:
+    from .configuration_fusion_transformer import FusionTransformerConfig
 
 
 class SurfaceFusionFFN(nn.Module):

@@ -140,7 +140,7 @@ class FusionTransformerConfig(PreTrainedConfig):
         dlstm_activation: Activation of the LSTM candidate (the feed-forward's role): ``"relu"``
             or ``"gelu"``.
         dlstm_candidate: How the LSTM candidate is computed: ``"linear"`` (``act(LN(W x + b))``,
-            the equation of METHODS.md) or ``"ffn"`` (``W_2 act(LN(W_1 x + b_1)) + b_2`` with
+            the equation above) or ``"ffn"`` (``W_2 act(LN(W_1 x + b_1)) + b_2`` with
             inner width ``encoder_ffn_dim`` / ``decoder_ffn_dim``, as Neutron's cell does).
         encoder_memory: What each decoder layer's cross-attention reads (``"last"``: the top
             encoder layer, as in vanilla seq2seq; ``"transparent"``: a softmax-weighted sum of all

@@ -15,7 +15,7 @@ absorbed into the LSTM cell, so a layer is "pure attention + one depth-wise LSTM
     c = f * c_prev + i * c_hat
     h = o * c                                     # no tanh on the cell output
 
-(``dlstm_candidate = "linear"``, METHODS.md). ``dlstm_candidate = "ffn"`` computes the candidate
+(``dlstm_candidate = "linear"``). ``dlstm_candidate = "ffn"`` computes the candidate
 as Neutron's cell does, with a whole feed-forward network: ``c_hat = W_2 act(LN(W_1 x + b_1)) + b_2``
 (inner width ``encoder_ffn_dim`` / ``decoder_ffn_dim``); the gates are then the only blocks of the
 pre-activation LayerNorm.
@@ -45,12 +45,12 @@ Choices and defaults (the paper leaves these open; each is a config field):
   step. ``"concat"`` (one step per layer, cheaper: 3d->4d instead of two 2d->4d projections) is
   offered because Neutron also has a dual-input cell for it. In ``"concat"`` the cross-attention
   queries with the self-attention output, keeping the sub-layers cascaded (unconfirmed).
-- ``dlstm_gate_norm = "per_gate"`` by default, as METHODS.md writes the equations (one LN per
+- ``dlstm_gate_norm = "per_gate"`` by default, as the equations above are written (one LN per
   gate and one for the candidate, each over d). ``"joint"`` normalises the 4·d (3·d with the
   ``"ffn"`` candidate) pre-activations together, as Neutron's ``LayerNorm((4, d))`` /
   ``LayerNorm((3, d))`` do. Both keep a (blocks, d) scale and shift, so the checkpoint layout is
   the same.
-- ``dlstm_candidate = "linear"`` by default, the single projection of METHODS.md. Caveat for deep
+- ``dlstm_candidate = "linear"`` by default, the single projection of the equations above. Caveat for deep
   stacks: a ReLU candidate is non-negative, so the cell ``c`` sums non-negative vectors over depth
   and drifts towards one shared direction. In a freshly initialised 24+24-layer model (d_model
   64) the decoder outputs of different tokens have mean cosine similarity 0.97 (residual: 0.04;

@@ -6,7 +6,7 @@ the argument a step's layer receives, ``update`` folds the layer's output back i
 the state a step exposes (``output_hidden_states``, the encoder layer states that fusion reads),
 and ``finish`` is what leaves the stack (before its optional final LayerNorm).
 
-A connection comes with the layer classes that fit it (:class:`ConnectionSpec`): the residual
+A connection comes with the layer classes that fit it (``seams.ConnectionSpec``): the residual
 connection keeps its per-sub-layer ``x + f(x)`` joins and LayerNorms inside the layers, so at stack
 level it is the identity; a connection that replaces the residual stream (a depth-wise LSTM) or
 mixes all earlier outputs (DLCL) brings its own layers or keeps history here.
@@ -21,14 +21,14 @@ Connections (``depth_connection``):
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
 from transformers import initialization as init
 
-from .configuration_fusion_transformer import FusionTransformerConfig
-from .layers import FusionDecoderLayer, FusionEncoderLayer
+if TYPE_CHECKING:
+    from .configuration_fusion_transformer import FusionTransformerConfig
 
 
 class ResidualConnection(nn.Module):
@@ -111,9 +111,9 @@ class DLCLConnection(nn.Module):
         self.layer_norms = nn.ModuleList(
             [nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) for _ in range(num_steps)]
         )
-        self.reset_parameters()
+        self.init_own_weights()
 
-    def reset_parameters(self) -> None:
+    def init_own_weights(self) -> None:
         """Row l = 1 / (l + 1) on its l + 1 entries, 0 above the diagonal (skipped once loaded)."""
         lower = torch.ones_like(self.weight, device="cpu").tril()
         init.copy_(self.weight, lower / lower.sum(dim=1, keepdim=True))
@@ -146,16 +146,3 @@ class DLCLConnection(nn.Module):
 
     def finish(self, state: DLCLState) -> torch.Tensor:
         return self.combine(state, len(state.history) - 1)
-
-
-class ConnectionSpec(NamedTuple):
-    """A depth connection and the encoder/decoder layer classes it runs."""
-
-    connection: type[nn.Module]
-    encoder_layer: type[nn.Module]
-    decoder_layer: type[nn.Module]
-
-
-RESIDUAL = ConnectionSpec(ResidualConnection, FusionEncoderLayer, FusionDecoderLayer)
-DLCL = ConnectionSpec(DLCLConnection, FusionEncoderLayer, FusionDecoderLayer)
-
