@@ -33,11 +33,14 @@ import json, sys
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM
-try:
-    import hf_fusion
-    raise SystemExit("hf_fusion must not be importable here")
-except ImportError:
-    pass
+import importlib
+def importable(name):
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+assert not importable("hf_fusion"), "hf_fusion must not be importable here"
 report = {}
 for folder in sys.argv[1:]:
     model = AutoModelForSeq2SeqLM.from_pretrained(folder, trust_remote_code=True).eval()
