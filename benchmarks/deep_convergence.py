@@ -49,7 +49,7 @@ from training.corpora import build_default_corpus
 from training.tokenizer import train_tokenizer
 
 # The deep models this script can train (the shallow control is added with --control-layers).
-VARIANTS = ("residual_postnorm", "depthwise_lstm", "depthwise_lstm_ffn")
+VARIANTS = ("residual_postnorm", "depthwise_lstm", "depthwise_lstm_ffn", "depthwise_lstm_pure_relu")
 # One colour per model in every plot, so the figures of several runs read alike.
 COLORS = {"residual_postnorm": "tab:blue", "depthwise_lstm": "tab:orange", "depthwise_lstm_ffn": "tab:purple"}
 # Run settings that must agree before results of two runs are shown side by side.
@@ -151,6 +151,17 @@ def build_models(args: argparse.Namespace, vocab_size: int) -> dict[str, nn.Modu
         "depthwise_lstm": lambda: DepthwiseLSTMForConditionalGeneration(DepthwiseLSTMConfig(**common)),
         "depthwise_lstm_ffn": lambda: DepthwiseLSTMForConditionalGeneration(
             DepthwiseLSTMConfig(**common, dlstm_candidate="ffn")
+        ),
+        # The family's defaults before they became the authors' cell: pure attention, one step per
+        # decoder sub-layer, per-gate LayerNorm, ReLU candidate.
+        "depthwise_lstm_pure_relu": lambda: DepthwiseLSTMForConditionalGeneration(
+            DepthwiseLSTMConfig(
+                **common,
+                dlstm_attention_residual=False,
+                dlstm_decoder_mode="per_sublayer",
+                dlstm_gate_norm="per_gate",
+                dlstm_activation="relu",
+            )
         ),
     }
     models = {}

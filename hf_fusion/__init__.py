@@ -23,6 +23,7 @@ from .modeling_fusion_transformer import (
 )
 from .modeling_recurrent_stacking import RecurrentStackingForConditionalGeneration, RecurrentStackingModel
 from .modeling_surface_fusion import SurfaceFusionForConditionalGeneration, SurfaceFusionModel
+from .surface_fusion import UnnormalisedBeamScores
 
 register_families()
 
@@ -42,6 +43,7 @@ __all__ = [
     "SurfaceFusionConfig",
     "SurfaceFusionModel",
     "SurfaceFusionForConditionalGeneration",
+    "UnnormalisedBeamScores",
     "RecurrentStackingConfig",
     "RecurrentStackingModel",
     "RecurrentStackingForConditionalGeneration",

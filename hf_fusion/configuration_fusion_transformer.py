@@ -53,12 +53,28 @@ SIZE_FIELDS = (
 # Per layer-fusion memory: the ``fusion_dropout`` a config gets when it leaves the field unset
 # (Lingvo's transparent-merger default; the 0.3 of all of Liu et al.'s experiments).
 FUSION_DROPOUT_DEFAULTS: dict[str, float] = {"transparent": 0.1, "fine_grained": 0.3}
+# The fields only a fusing encoder memory reads (``None`` = that memory's default).
+FUSION_FIELDS = ("fusion_dropout", "fusion_embedding_layer_norm", "fusion_top_layer_norm", "fusion_double_embedding_dropout")
 # Options of the depth-wise LSTM connection (``depth_connection = "depthwise_lstm"``).
 DLSTM_DECODER_MODES = ("per_sublayer", "concat")
 DLSTM_GATE_NORMS = ("per_gate", "joint")
 DLSTM_ACTIVATIONS = ("relu", "gelu", "tanh")
 DLSTM_CANDIDATES = ("linear", "ffn")
 SURFACE_FUSION_MODES = ("hard", "soft")
+SURFACE_FUSION_SOURCES = ("attention", "mean", "max")
+
+
+def legacy_field_values(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """Values for fields added after checkpoints were first published, chosen so that a model
+    saved before a field existed still computes what it computed then.
+
+    ``save_pretrained`` writes every field, so a saved ``config.json`` without one of these keys
+    predates it; a config built in code gets the new (authors') defaults instead.
+    """
+    legacy: dict[str, Any] = {"dlstm_attention_residual": False}
+    if config_dict.get("encoder_memory") in FUSION_DROPOUT_DEFAULTS:
+        legacy.update(fusion_top_layer_norm=True, fusion_double_embedding_dropout=False)
+    return {key: value for key, value in legacy.items() if key not in config_dict}
 
 
 def check_choice(cls_name: str, field: str, value: Any, choices: Iterable[Any]) -> None:
@@ -216,14 +232,17 @@ class FusionTransformerConfig(PreTrainedConfig):
             outputs (Wang et al. 2019), in encoder and decoder; or ``"depthwise_lstm"`` (Xu et al.,
             arXiv 2007.06257: an LSTM across depth replaces the residual stream, LayerNorms and
             feed-forward; see ``depthwise_lstm.py``).
-        dlstm_decoder_mode: Depth-wise LSTM decoder wiring: ``"per_sublayer"`` (one LSTM step after
-            self-attention, another after cross-attention) or ``"concat"`` (one step on both
-            sub-layers' outputs concatenated).
-        dlstm_gate_norm: LayerNorm of the LSTM pre-activations: ``"per_gate"`` (each gate, and
-            the ``"linear"`` candidate, normalised on its own over d) or ``"joint"`` (all of them
-            together, as the authors' Neutron cells do).
-        dlstm_activation: Activation of the LSTM candidate (the feed-forward's role): ``"relu"``,
-            ``"gelu"`` or ``"tanh"``.
+        dlstm_decoder_mode: Depth-wise LSTM decoder wiring: ``"concat"`` (default, the authors'
+            dual-input cell: one step on both sub-layers' outputs concatenated) or
+            ``"per_sublayer"`` (one LSTM step after self-attention, another after cross-attention).
+        dlstm_gate_norm: LayerNorm of the LSTM pre-activations: ``"joint"`` (default: all of them
+            together, as the authors' cells do) or ``"per_gate"`` (each gate, and the ``"linear"``
+            candidate, normalised on its own over d).
+        dlstm_activation: Activation of the LSTM candidate (the feed-forward's role): ``"tanh"``
+            (default, the authors' signed activation), ``"gelu"`` or ``"relu"``.
+        dlstm_attention_residual: Wrap each attention sub-layer in a pre-norm residual,
+            ``x + dropout(Attn(LN(x)))``, as the authors' implementation does (default); ``False``
+            is the paper's "pure attention" ``dropout(Attn(x))``.
         dlstm_candidate: How the LSTM candidate is computed: ``"linear"`` (``act(LN(W x + b))``,
             the single projection of the equations in ``depthwise_lstm.py``) or ``"ffn"``
             (``W_2 act(LN(W_1 x + b_1)) + b_2`` with
@@ -239,6 +258,16 @@ class FusionTransformerConfig(PreTrainedConfig):
         fusion_embedding_layer_norm: LayerNorm on the embedding layer before it is fused. ``None``
             means the memory's default: on for ``"transparent"``; for ``"fine_grained"`` on in
             post-norm models only, as in the official code. Only valid with a fusing ``encoder_memory``.
+        fusion_top_layer_norm: Whether the top encoder layer X^N enters the fusion after the
+            encoder's final LayerNorm (only models with ``add_final_layer_norm`` have one). ``None``
+            means the memory's default: after it for ``"transparent"`` (X^N is then the encoder
+            output, as for every other reader), before it for ``"fine_grained"`` (the official
+            code fuses the raw top state). Only valid with a fusing ``encoder_memory``.
+        fusion_double_embedding_dropout: ``"fine_grained"`` only: drop out the fused embedding
+            layer X^0 twice, as the official code does (once with the encoder's embedding dropout,
+            once more before the LayerNorm), instead of once. ``None`` means on for
+            ``"fine_grained"`` (the official behaviour), off for ``"transparent"``, whose X^0 is
+            the embedding layer output the encoder already dropped out.
         output_head: How the top decoder state becomes logits (``"lm"``: the tied LM head;
             ``"surface_fusion"``: Liu et al.'s SurfaceFusion head, see ``surface_fusion.py``).
         surface_fusion_mode: SurfaceFusion's fusion of the target and source distributions:
@@ -252,6 +281,15 @@ class FusionTransformerConfig(PreTrainedConfig):
         surface_fusion_heads: Heads of the surface attention; must divide d_model (paper: 1).
         surface_fusion_ffn: Pass both the decoder state and the surface state through one shared
             residual ReLU feed-forward network before the output projection (paper: on).
+        surface_fusion_source: How the surface state r is read from the source embeddings:
+            ``"attention"`` (the paper's surface attention) or the official code's ablations
+            ``"mean"`` / ``"max"`` (the mean or maximum of the source embeddings over the source
+            tokens, the same r for every target position).
+        surface_fusion_linear: The official code's linear variant: a separate bias-free d x d
+            projection of the target and of the surface state before the output projection.
+        surface_fusion_query_layer: Decoder step (0-based) whose state queries the surface
+            attention; ``None`` (default) is the top step, as in the paper (the official code's
+            ``--sf-idx``). Read with ``surface_fusion_source="attention"`` only.
     """
 
     model_type = "fusion_transformer"
@@ -301,15 +339,18 @@ class FusionTransformerConfig(PreTrainedConfig):
 
     # --- seam 2: depth connection ------------------------------------------------------------
     depth_connection: str = "residual"
-    dlstm_decoder_mode: str = "per_sublayer"
-    dlstm_gate_norm: str = "per_gate"
-    dlstm_activation: str = "relu"
+    dlstm_decoder_mode: str = "concat"
+    dlstm_gate_norm: str = "joint"
+    dlstm_activation: str = "tanh"
     dlstm_candidate: str = "linear"
+    dlstm_attention_residual: bool = True
 
     # --- seam 3: encoder memory --------------------------------------------------------------
     encoder_memory: str = "last"
     fusion_dropout: float | None = None
     fusion_embedding_layer_norm: bool | None = None
+    fusion_top_layer_norm: bool | None = None
+    fusion_double_embedding_dropout: bool | None = None
 
     # --- seam 4: output head -----------------------------------------------------------------
     output_head: str = "lm"
@@ -318,6 +359,9 @@ class FusionTransformerConfig(PreTrainedConfig):
     surface_fusion_tau: float = 1.0
     surface_fusion_heads: int = 1
     surface_fusion_ffn: bool = True
+    surface_fusion_source: str = "attention"
+    surface_fusion_linear: bool = False
+    surface_fusion_query_layer: int | None = None
 
     @property
     def encoder_plan(self) -> tuple[int, ...]:
@@ -336,6 +380,12 @@ class FusionTransformerConfig(PreTrainedConfig):
         return execution_plan(
             self.sharing_strategy, getattr(self, f"{stack}_layers"), getattr(self, field), field=f"{type(self).__name__}.{field}"
         )
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> FusionTransformerConfig:
+        """Load a saved config; fields it predates get the values that keep its model unchanged
+        (:func:`legacy_field_values`)."""
+        return super().from_dict({**config_dict, **legacy_field_values(config_dict)}, **kwargs)
 
     def __post_init__(self, **kwargs: Any) -> None:
         warn_unknown_fields(type(self), kwargs)
@@ -395,7 +445,7 @@ class FusionTransformerConfig(PreTrainedConfig):
     def _resolve_fusion_fields(self, name: str) -> None:
         """Fill in the layer-fusion defaults of the chosen memory; refuse them without fusion."""
         if self.encoder_memory not in FUSION_DROPOUT_DEFAULTS:
-            for field in ("fusion_dropout", "fusion_embedding_layer_norm"):
+            for field in FUSION_FIELDS:
                 if getattr(self, field) is not None:
                     raise ValueError(
                         f"{name}.{field} = {getattr(self, field)!r} has no effect with encoder_memory = "
@@ -405,6 +455,16 @@ class FusionTransformerConfig(PreTrainedConfig):
             return
         if self.fusion_dropout is None:
             self.fusion_dropout = FUSION_DROPOUT_DEFAULTS[self.encoder_memory]
+        fine_grained = self.encoder_memory == "fine_grained"
+        if self.fusion_top_layer_norm is None:
+            self.fusion_top_layer_norm = not fine_grained
+        if self.fusion_double_embedding_dropout is None:
+            self.fusion_double_embedding_dropout = fine_grained
+        if self.fusion_double_embedding_dropout and not fine_grained:
+            raise ValueError(
+                f"{name}.fusion_double_embedding_dropout = True needs encoder_memory = 'fine_grained' "
+                f"(got {self.encoder_memory!r}); allowed: False or None."
+            )
         check_range(name, "fusion_dropout", self.fusion_dropout, 0.0, 1.0, high_inclusive=False)
         if self.fusion_embedding_layer_norm is None:
             self.fusion_embedding_layer_norm = self.encoder_memory == "transparent" or not self.normalize_before
@@ -432,9 +492,12 @@ class FusionTransformerConfig(PreTrainedConfig):
                 f"{name}.surface_fusion_heads = {self.surface_fusion_heads} must divide d_model = {self.d_model}; "
                 f"allowed: divisors of {self.d_model}."
             )
-        if not isinstance(self.surface_fusion_ffn, bool):
+        check_choice(name, "surface_fusion_source", self.surface_fusion_source, SURFACE_FUSION_SOURCES)
+        layer = self.surface_fusion_query_layer
+        if layer is not None and not 0 <= layer < self.decoder_layers:
             raise ValueError(
-                f"{name}.surface_fusion_ffn = {self.surface_fusion_ffn!r} is not supported; allowed: True, False."
+                f"{name}.surface_fusion_query_layer = {layer!r} is not a decoder step; allowed: 0 to "
+                f"decoder_layers - 1 = {self.decoder_layers - 1}, or None for the top step."
             )
 
     def _resolve_unique_layers(self, name: str) -> None:

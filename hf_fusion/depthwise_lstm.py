@@ -166,6 +166,32 @@ class DepthwiseLSTMCell(nn.Module):
         return output_gate * c, c
 
 
+def attend(
+    attention: FusionAttention,
+    layer_norm: nn.LayerNorm | None,
+    hidden_states: torch.Tensor,
+    dropout: float,
+    training: bool,
+    **attention_kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One attention sub-layer as the depth-wise LSTM consumes it.
+
+    Without ``layer_norm`` it is the paper's "pure attention" ``dropout(Attn(x))``; with one
+    (``dlstm_attention_residual``) it is the authors' pre-norm residual form
+    ``x + dropout(Attn(LN(x)))``. Returns the sub-layer output (batch, len, d_model) and the
+    attention weights.
+    """
+    query = hidden_states if layer_norm is None else layer_norm(hidden_states)
+    out, weights = attention(query, **attention_kwargs)
+    out = nn.functional.dropout(out, p=dropout, training=training)
+    return (out if layer_norm is None else hidden_states + out), weights
+
+
+def attention_layer_norm(config: FusionTransformerConfig) -> nn.LayerNorm | None:
+    """The pre-norm LayerNorm of an attention sub-layer, when ``dlstm_attention_residual`` asks for one."""
+    return nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.dlstm_attention_residual else None
+
+
 def unpack_state(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(batch, len, 2 * d_model)`` packed ``[h ; c]`` -> ``h, c``, each (batch, len, d_model)."""
     h, c = state.chunk(2, dim=-1)
@@ -178,12 +204,13 @@ def pack_state(h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 class DepthwiseLSTMEncoderLayer(GradientCheckpointingLayer):
-    """Pure self-attention over ``h``, then one depth-wise LSTM step."""
+    """Self-attention over ``h`` (see :func:`attend`), then one depth-wise LSTM step."""
 
     def __init__(self, config: FusionTransformerConfig):
         super().__init__()
         self.dropout = config.dropout
         self.self_attn = FusionAttention(config, config.encoder_attention_heads)
+        self.self_attn_layer_norm = attention_layer_norm(config)
         self.lstm = DepthwiseLSTMCell(config, config.encoder_ffn_dim)
 
     def forward(
@@ -195,8 +222,15 @@ class DepthwiseLSTMEncoderLayer(GradientCheckpointingLayer):
         """Args: hidden_states: packed ``[h ; c]`` (batch, src_len, 2 * d_model); attention_mask
         boolean (batch, 1, 1, src_len). Returns the packed new state and the attention weights."""
         h, c = unpack_state(hidden_states)
-        attn_out, attn_weights = self.self_attn(h, attention_mask=attention_mask, output_attentions=output_attentions)
-        attn_out = nn.functional.dropout(attn_out, p=self.dropout, training=self.training)
+        attn_out, attn_weights = attend(
+            self.self_attn,
+            self.self_attn_layer_norm,
+            h,
+            self.dropout,
+            self.training,
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
+        )
         h, c = self.lstm([attn_out], h, c)
         return pack_state(h, c), (attn_weights,)
 
@@ -210,7 +244,9 @@ class DepthwiseLSTMDecoderLayer(GradientCheckpointingLayer):
         self.dropout = config.dropout
         self.per_sublayer = config.dlstm_decoder_mode == "per_sublayer"
         self.self_attn = FusionAttention(config, config.decoder_attention_heads, is_causal=True)
+        self.self_attn_layer_norm = attention_layer_norm(config)
         self.encoder_attn = FusionAttention(config, config.decoder_attention_heads, is_cross_attention=True)
+        self.encoder_attn_layer_norm = attention_layer_norm(config)
         if self.per_sublayer:
             self.self_attn_lstm = DepthwiseLSTMCell(config, config.decoder_ffn_dim)
             self.encoder_attn_lstm = DepthwiseLSTMCell(config, config.decoder_ffn_dim)
@@ -237,29 +273,35 @@ class DepthwiseLSTMDecoderLayer(GradientCheckpointingLayer):
         Returns the packed new state and (self-attention weights, cross-attention weights).
         """
         h, c = unpack_state(hidden_states)
-        self_out, self_weights = self.self_attn(
+        self_out, self_weights = attend(
+            self.self_attn,
+            self.self_attn_layer_norm,
             h,
+            self.dropout,
+            self.training,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
             cache_idx=cache_idx,
             output_attentions=output_attentions,
         )
-        self_out = nn.functional.dropout(self_out, p=self.dropout, training=self.training)
         if self.per_sublayer:
             h, c = self.self_attn_lstm([self_out], h, c)
         if encoder_hidden_states is None:  # a decoder used on its own: no cross-attention step (BART)
             if not self.per_sublayer:
                 h, c = self.lstm([self_out, torch.zeros_like(self_out)], h, c)
             return pack_state(h, c), (self_weights, None)
-        cross_out, cross_weights = self.encoder_attn(
+        cross_out, cross_weights = attend(
+            self.encoder_attn,
+            self.encoder_attn_layer_norm,
             h if self.per_sublayer else self_out,
+            self.dropout,
+            self.training,
             key_value_states=encoder_hidden_states,
             attention_mask=encoder_attention_mask,
             past_key_values=past_key_values,
             cache_idx=cache_idx,
             output_attentions=output_attentions,
         )
-        cross_out = nn.functional.dropout(cross_out, p=self.dropout, training=self.training)
         if self.per_sublayer:
             h, c = self.encoder_attn_lstm([cross_out], h, c)
         else:

@@ -80,6 +80,8 @@ class HeadContext:
         num_items_in_batch: Target tokens of the whole accumulated batch (from the Trainer).
         decoder_top_layer_state: (batch, tgt_len, d_model) last decoder step's state before the
             stack's final LayerNorm.
+        decoder_step_states: the decoder's embedding output and each step's state (index k + 1 =
+            after step k), each (batch, tgt_len, d_model), before the final LayerNorm.
         encoder_hidden_states: (batch, src_len, d_model) the encoder output X^N.
         encoder_token_embeddings: (batch, src_len, d_model) scaled source token embeddings
             without positions; ``None`` when the caller passed hand-made encoder outputs.
@@ -89,6 +91,7 @@ class HeadContext:
     labels: torch.Tensor | None = None
     num_items_in_batch: int | torch.Tensor | None = None
     decoder_top_layer_state: torch.Tensor | None = None
+    decoder_step_states: tuple[torch.Tensor, ...] | None = None
     encoder_hidden_states: torch.Tensor | None = None
     encoder_token_embeddings: torch.Tensor | None = None
     encoder_attention_mask: torch.Tensor | None = None

@@ -125,19 +125,22 @@ class FineGrainedLayerAttentionMemory(nn.Module):
 
     which is the official code's order. X^0 is the *token* embedding without positions (the
     encoder's ``token_embeddings``) after dropout and, in post-norm models, a LayerNorm (the
-    official ``layernorm_srcemb``; ``fusion_embedding_layer_norm``). The LayerNorm after the sum
-    is one module shared by every decoder step, and both dropouts use ``fusion_dropout`` (0.3 in
-    all of the paper's experiments; the official code's default is 0.1), as in the official code.
-    W starts uniform in +-sqrt(2 / (M + N + 1)).
+    official ``layernorm_srcemb``; ``fusion_embedding_layer_norm``). The official code drops X^0
+    out twice, once with the encoder's embedding-dropout mask and once more on its own; with
+    ``fusion_double_embedding_dropout`` (the default) so does this memory, otherwise once. The
+    LayerNorm after the sum is one module shared by every decoder step, and the DropConnect and
+    output dropouts use ``fusion_dropout`` (0.3 in all of the paper's experiments; the official
+    code's default is 0.1), as in the official code. In pre-norm models X^N is the raw top state
+    before the encoder's final LayerNorm, as in the official code (``fusion_top_layer_norm``
+    switches to the normalised output). W starts uniform in +-sqrt(2 / (M + N + 1)).
 
-    Deviations from the official code, both small: the embedding dropout mask is drawn per decoder
-    step (the memory is built per step, so it cannot share one mask without caching it); and in
-    pre-norm models X^N is the encoder output after its final LayerNorm (the official code fuses
-    the state before it), since that is what ``layer_states`` holds for every other consumer.
+    Deviation from the official code: the embedding dropout masks are drawn here, per decoder step
+    (the memory is built per step and the encoder does not expose its mask), rather than shared
+    with the encoder's embedding dropout; the rates and their number are the official ones.
 
     Args:
         config: The model config (``encoder_layers``, ``decoder_layers``, ``d_model``, ``dropout``,
-            ``fusion_dropout``, ``fusion_embedding_layer_norm``).
+            ``fusion_dropout``, ``fusion_embedding_layer_norm``, ``fusion_double_embedding_dropout``).
     """
 
     needs_layer_states = True
@@ -146,6 +149,7 @@ class FineGrainedLayerAttentionMemory(nn.Module):
         super().__init__()
         self.dropout = config.fusion_dropout
         self.embedding_dropout = config.dropout
+        self.embedding_dropouts = 2 if config.fusion_double_embedding_dropout else 1
         self.weight = nn.Parameter(torch.empty(config.decoder_layers, config.encoder_layers + 1, config.d_model))
         self.embedding_layer_norm = (
             nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.fusion_embedding_layer_norm else None
@@ -172,7 +176,9 @@ class FineGrainedLayerAttentionMemory(nn.Module):
     ) -> torch.Tensor:
         """Return decoder step ``step_idx``'s ``(batch, src_len, d_model)`` memory S^m."""
         states = require_layer_states(encoder_layer_states, "fine_grained")  # (batch, N + 1, src_len, d_model)
-        embeddings = nn.functional.dropout(encoder_token_embeddings, p=self.embedding_dropout, training=self.training)
+        embeddings = encoder_token_embeddings
+        for _ in range(self.embedding_dropouts):
+            embeddings = nn.functional.dropout(embeddings, p=self.embedding_dropout, training=self.training)
         if self.embedding_layer_norm is not None:
             embeddings = self.embedding_layer_norm(embeddings)
         states = torch.cat([embeddings[:, None], states[:, 1:]], dim=1)  # X^0 = token embeddings

@@ -55,7 +55,8 @@ class FusionEncoderOutput(BaseModelOutput):
 
     Args:
         layer_states: ``(batch, num_encoder_layers + 1, src_len, d_model)``: the embedding layer
-            output and every step's state, kept only when the memory provider needs them. Batch
+            output and every step's state (the top one before or after the final LayerNorm, as
+            ``fusion_top_layer_norm`` says), kept only when the memory provider needs them. Batch
             first so ``generate`` expands it for beam search like any other encoder tensor.
         token_embeddings: ``(batch, src_len, d_model)`` scaled token embeddings without positions.
     """
@@ -66,10 +67,14 @@ class FusionEncoderOutput(BaseModelOutput):
 
 @dataclass
 class FusionDecoderOutput(BaseModelOutputWithPastAndCrossAttentions):
-    """Decoder output plus ``top_layer_state``: the last step's state before the stack's final
-    LayerNorm (equal to ``last_hidden_state`` in post-norm models)."""
+    """Decoder output plus what the output heads read: ``top_layer_state``, the last step's state
+    before the stack's final LayerNorm (equal to ``last_hidden_state`` in post-norm models), and
+    ``step_states``, the embedding output and every step's state, none of them normalised by the
+    final LayerNorm (kept whether or not ``output_hidden_states`` is set; they are references to
+    tensors the forward computes anyway)."""
 
     top_layer_state: torch.Tensor | None = None
+    step_states: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -207,16 +212,17 @@ class FusionTransformerEncoder(FusionStack):
             state = self.connection.update(state, layer_output, step_idx)
             layer_states.append(self.connection.hidden(state))
             attentions.append(weights[0])
-        hidden_states = self.connection.finish(state)
-        if self.layer_norm is not None:
-            hidden_states = self.layer_norm(hidden_states)
+        top_state = self.connection.finish(state)
+        hidden_states = top_state if self.layer_norm is None else self.layer_norm(top_state)
+        # X^N as the fusion reads it: the output, or the raw top state (``fusion_top_layer_norm``).
+        fused_top = top_state if self.config.fusion_top_layer_norm is False else hidden_states
         layer_states[-1] = hidden_states
 
         output = FusionEncoderOutput(
             last_hidden_state=hidden_states,
             hidden_states=tuple(layer_states) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
-            layer_states=torch.stack(layer_states, dim=1) if self.needs_layer_states else None,
+            layer_states=torch.stack([*layer_states[:-1], fused_top], dim=1) if self.needs_layer_states else None,
             token_embeddings=inputs_embeds,
         )
         return output if return_dict is not False else output.to_tuple()
@@ -311,6 +317,7 @@ class FusionTransformerDecoder(FusionStack):
             cross_attentions.append(cross_weights)
         top_layer_state = self.connection.finish(state)
         hidden_states = top_layer_state if self.layer_norm is None else self.layer_norm(top_layer_state)
+        step_states = tuple(all_hidden)
         all_hidden[-1] = hidden_states
 
         output = FusionDecoderOutput(
@@ -319,6 +326,7 @@ class FusionTransformerDecoder(FusionStack):
             attentions=tuple(self_attentions) if output_attentions else None,
             cross_attentions=tuple(cross_attentions) if output_attentions and encoder_hidden_states is not None else None,
             top_layer_state=top_layer_state,
+            step_states=step_states,
             **cache_output(cache if use_cache else None),
         )
         return output if return_dict is not False else output.to_tuple()
@@ -545,6 +553,7 @@ class FusionTransformerForConditionalGeneration(FusionTransformerPreTrainedModel
             labels=labels,
             num_items_in_batch=num_items_in_batch,
             decoder_top_layer_state=decoder_outputs.top_layer_state,
+            decoder_step_states=decoder_outputs.step_states,
             encoder_hidden_states=encoder_outputs.last_hidden_state,
             encoder_token_embeddings=getattr(encoder_outputs, "token_embeddings", None),
             encoder_attention_mask=attention_mask,

@@ -101,6 +101,46 @@ class SurfaceFusionFFN(nn.Module):
         return hidden_states + update
 
 
+def pool_source(values: torch.Tensor, attention_mask: torch.Tensor | None, how: str) -> torch.Tensor:
+    """Mean or max of ``values`` (batch, src_len, d_model) over the source tokens that
+    ``attention_mask`` (batch, src_len; 1 = token) keeps: (batch, d_model)."""
+    if attention_mask is None:
+        return values.mean(dim=1) if how == "mean" else values.amax(dim=1)
+    keep = attention_mask.to(torch.bool)[..., None]  # (batch, src_len, 1)
+    if how == "mean":
+        return (values * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
+    return values.masked_fill(~keep, torch.finfo(values.dtype).min).amax(dim=1)
+
+
+class UnnormalisedBeamScores:
+    """Logits processor that makes ``generate``'s beam search score hard SurfaceFusion the way the
+    official code does, with the *unnormalised* log P of each step.
+
+    transformers' beam search log-softmaxes the model's logits before any processor sees them,
+    which turns hard fusion's log P into log P - log Z. The head records log Z of the step
+    it just computed (``record_log_normaliser``), and this processor adds it back. Greedy
+    decoding and sampling are unchanged by a per-row constant, and soft fusion has log Z = 0.
+
+    Usage: ``model.generate(..., num_beams=5, logits_processor=[UnnormalisedBeamScores(model)])``.
+    """
+
+    def __init__(self, model: nn.Module):
+        head = getattr(model, "output_head", None)
+        if not isinstance(head, SurfaceFusionHead):
+            raise TypeError(
+                f"UnnormalisedBeamScores needs a model with the SurfaceFusion head (output_head='surface_fusion'); "
+                f"{type(model).__name__} has {type(head).__name__}."
+            )
+        head.record_log_normaliser = True
+        self.head = head
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        log_normaliser = self.head.last_log_normaliser
+        if log_normaliser is None or log_normaliser.shape[0] != scores.shape[0]:
+            raise RuntimeError("UnnormalisedBeamScores: the model has not produced logits for these rows yet.")
+        return scores + log_normaliser[:, None].to(scores.dtype)
+
+
 class SurfaceFusionHead(nn.Module):
     """Output head that fuses a target distribution (from the decoder) with a source distribution
     (from the source embeddings), see the module docstring for the equations.
@@ -120,20 +160,41 @@ class SurfaceFusionHead(nn.Module):
         self.tau = config.surface_fusion_tau
         self.label_smoothing = config.label_smoothing
         self.dropout = config.dropout
-        self.surface_attn = FusionAttention(config, config.surface_fusion_heads, is_cross_attention=True)
+        self.source = config.surface_fusion_source
+        self.query_layer = config.surface_fusion_query_layer
+        self.surface_attn = (
+            FusionAttention(config, config.surface_fusion_heads, is_cross_attention=True)
+            if self.source == "attention"
+            else None
+        )
         self.ffn = SurfaceFusionFFN(config) if config.surface_fusion_ffn else None
+        if config.surface_fusion_linear:
+            self.target_proj = nn.Linear(config.d_model, config.d_model, bias=False)
+            self.source_proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        else:
+            self.target_proj = self.source_proj = None
         learned_gate = self.mode == "hard" and self.fixed_lambda is None
         self.gate = nn.Linear(2 * config.d_model, 1, bias=False) if learned_gate else None
+        # Set by UnnormalisedBeamScores: keep log Z of the last position for the beam scorer.
+        self.record_log_normaliser = False
+        self.last_log_normaliser: torch.Tensor | None = None
 
     def surface_states(self, query_states: torch.Tensor, context: HeadContext) -> torch.Tensor:
-        """r = MultiHeadAttn(stopgrad(query), stopgrad(X^N), V): (batch, tgt_len, d_model)."""
+        """The surface state r, (batch, tgt_len, d_model): ``MultiHeadAttn(stopgrad(query),
+        stopgrad(X^N), V)``, or with the ``"mean"`` / ``"max"`` source the pooled V (padding
+        excluded), the same for every target position."""
         if context.encoder_hidden_states is None or context.encoder_token_embeddings is None:
             raise ValueError(
                 "The SurfaceFusion head needs the encoder output and the source token embeddings: pass "
                 "encoder_outputs as returned by model.get_encoder() (a FusionEncoderOutput with "
                 "token_embeddings), not a tuple or a plain BaseModelOutput."
             )
-        values = nn.functional.dropout(context.encoder_token_embeddings, p=self.dropout, training=self.training)
+        values = context.encoder_token_embeddings  # (batch, src_len, d_model)
+        if self.surface_attn is None:
+            pooled = pool_source(values, context.encoder_attention_mask, self.source)  # (batch, d_model)
+            pooled = nn.functional.dropout(pooled, p=self.dropout, training=self.training)
+            return pooled[:, None].expand(-1, query_states.shape[1], -1)
+        values = nn.functional.dropout(values, p=self.dropout, training=self.training)
         surface, _ = self.surface_attn(
             query_states.detach(),
             key_value_states=context.encoder_hidden_states.detach(),
@@ -141,6 +202,14 @@ class SurfaceFusionHead(nn.Module):
             attention_mask=padding_mask(context.encoder_attention_mask),
         )
         return surface
+
+    def query_states(self, decoder_hidden_states: torch.Tensor, context: HeadContext) -> torch.Tensor:
+        """The surface attention's query: the state of decoder step ``surface_fusion_query_layer``,
+        by default the top step's state before the final LayerNorm (the decoder output when the
+        caller passed no decoder states)."""
+        if self.query_layer is not None and context.decoder_step_states is not None:
+            return context.decoder_step_states[self.query_layer + 1]
+        return decoder_hidden_states if context.decoder_top_layer_state is None else context.decoder_top_layer_state
 
     def fuse(
         self, logits_tgt: torch.Tensor, logits_src: torch.Tensor, target: torch.Tensor, surface: torch.Tensor
@@ -175,14 +244,17 @@ class SurfaceFusionHead(nn.Module):
             in hard mode, see the module docstring), and with labels the loss and
             ``loss_terms = {"ce_tgt", "ce_src"}``.
         """
-        query_states = decoder_hidden_states if context.decoder_top_layer_state is None else context.decoder_top_layer_state
-        surface = self.surface_states(query_states, context)
+        surface = self.surface_states(self.query_states(decoder_hidden_states, context), context)
         target = decoder_hidden_states
         if self.ffn is not None:
             target, surface = self.ffn(target), self.ffn(surface)
+        if self.target_proj is not None:
+            target, surface = self.target_proj(target), self.source_proj(surface)
         log_probs, log_p_tgt, log_p_src = self.fuse(project(target).float(), project(surface).float(), target, surface)
         labels = context.labels
         if labels is None:
+            if self.record_log_normaliser:
+                self.last_log_normaliser = log_probs[:, -1].logsumexp(dim=-1)  # (batch,)
             return HeadOutput(logits=log_probs)
         loss, ce_tgt, ce_src = (
             log_prob_nll(log_p, labels, self.label_smoothing, context.num_items_in_batch)

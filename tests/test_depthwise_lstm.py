@@ -108,46 +108,89 @@ def test_lstm_step_matches_the_equations(candidate: str, gate_norm: str, activat
     torch.testing.assert_close(got_h, want_h, atol=1e-5, rtol=1e-5)
 
 
-def test_gate_norm_options_differ() -> None:
-    """Same weights, per-gate vs joint normalisation: different outputs, so the option is real."""
-    per_gate = DepthwiseLSTMCell(tiny_config(dlstm_gate_norm="per_gate"), ffn_dim=32).eval()
-    randomize_(per_gate)
-    joint = DepthwiseLSTMCell(tiny_config(dlstm_gate_norm="joint"), ffn_dim=32).eval()
-    joint.load_state_dict(per_gate.state_dict())
+@pytest.mark.parametrize(("built", "wrong"), [("per_gate", "joint"), ("joint", "per_gate")])
+def test_the_cell_reference_tells_the_gate_norms_apart(built: str, wrong: str) -> None:
+    """The reference above is strict enough to catch a cell that normalises the wrong way: the
+    reference of the *other* gate norm does not match the cell's output."""
+    cell = DepthwiseLSTMCell(tiny_config(dlstm_gate_norm=built), ffn_dim=32).eval()
+    randomize_(cell)
     a, h, c = (torch.randn(2, 4, TINY["d_model"]) for _ in range(3))
-    assert not torch.allclose(per_gate([a], h, c)[0], joint([a], h, c)[0], atol=1e-3)
+    got_h = cell([a], h, c)[0]
+    torch.testing.assert_close(got_h, reference_step(cell, [a], h, c, built == "joint", "tanh")[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got_h, reference_step(cell, [a], h, c, wrong == "joint", "tanh")[0], atol=1e-3)
 
 
-def test_encoder_layer_is_attention_then_one_step() -> None:
-    config = tiny_config()
+def reference_attention(
+    attention: FusionAttention, layer_norm: nn.LayerNorm | None, x: torch.Tensor, **kwargs
+) -> torch.Tensor:
+    """A sub-layer's output as the layer must compute it: ``Attn(x)`` ("pure"), or the authors'
+    pre-norm residual ``x + Attn(LN(x))`` with the LayerNorm written out."""
+    if layer_norm is None:
+        return attention(x, **kwargs)[0]
+    normed = standardize(x, layer_norm.eps) * layer_norm.weight + layer_norm.bias
+    return x + attention(normed, **kwargs)[0]
+
+
+@pytest.mark.parametrize("residual", (True, False))
+def test_encoder_layer_is_attention_then_one_step(residual: bool) -> None:
+    config = tiny_config(dlstm_attention_residual=residual)
     layer = DepthwiseLSTMEncoderLayer(config).eval()
     randomize_(layer)
+    assert (layer.self_attn_layer_norm is not None) is residual
     h, c = torch.randn(2, 6, config.d_model), torch.randn(2, 6, config.d_model)
     out = layer(torch.cat([h, c], -1))[0]
-    attn = layer.self_attn(h)[0]
-    want_h, want_c = reference_step(layer.lstm, [attn], h, c, joint=False, activation="relu")
+    attn = reference_attention(layer.self_attn, layer.self_attn_layer_norm, h)
+    want_h, want_c = reference_step(layer.lstm, [attn], h, c, joint=True, activation="tanh")
     torch.testing.assert_close(out, torch.cat([want_h, want_c], -1), atol=1e-5, rtol=1e-5)
+    # A layer that dropped the residual (or kept it in "pure" mode) is caught by the same check.
+    wrong = attn - h if residual else attn + h
+    wrong_h, wrong_c = reference_step(layer.lstm, [wrong], h, c, joint=True, activation="tanh")
+    assert not torch.allclose(out, torch.cat([wrong_h, wrong_c], -1), atol=1e-3)
 
 
+@pytest.mark.parametrize("residual", (True, False))
 @pytest.mark.parametrize("mode", DECODER_MODES)
-def test_decoder_layer_wiring(mode: str) -> None:
+def test_decoder_layer_wiring(mode: str, residual: bool) -> None:
     """per_sublayer: step after self-attention, cross-attention reads that h, second step.
-    concat: cross-attention reads the self-attention output, one step on [self; cross; h]."""
-    config = tiny_config(dlstm_decoder_mode=mode)
+    concat (the authors' dual-input cell): cross-attention reads the self-attention sub-layer's
+    output, one step on [self; cross; h]. Each sub-layer is pure or pre-norm residual."""
+    config = tiny_config(dlstm_decoder_mode=mode, dlstm_attention_residual=residual)
     layer = DepthwiseLSTMDecoderLayer(config).eval()
     randomize_(layer)
     h, c = torch.randn(2, 5, config.d_model), torch.randn(2, 5, config.d_model)
     memory = torch.randn(2, 7, config.d_model)
     out = layer(torch.cat([h, c], -1), None, memory)[0]
-    self_out = layer.self_attn(h)[0]
+    self_out = reference_attention(layer.self_attn, layer.self_attn_layer_norm, h)
+    cross_norm = layer.encoder_attn_layer_norm
     if mode == "per_sublayer":
-        h1, c1 = reference_step(layer.self_attn_lstm, [self_out], h, c, joint=False, activation="relu")
-        cross_out = layer.encoder_attn(h1, key_value_states=memory)[0]
-        want_h, want_c = reference_step(layer.encoder_attn_lstm, [cross_out], h1, c1, joint=False, activation="relu")
+        h1, c1 = reference_step(layer.self_attn_lstm, [self_out], h, c, joint=True, activation="tanh")
+        cross_out = reference_attention(layer.encoder_attn, cross_norm, h1, key_value_states=memory)
+        want_h, want_c = reference_step(layer.encoder_attn_lstm, [cross_out], h1, c1, joint=True, activation="tanh")
     else:
-        cross_out = layer.encoder_attn(self_out, key_value_states=memory)[0]
-        want_h, want_c = reference_step(layer.lstm, [self_out, cross_out], h, c, joint=False, activation="relu")
+        cross_out = reference_attention(layer.encoder_attn, cross_norm, self_out, key_value_states=memory)
+        want_h, want_c = reference_step(layer.lstm, [self_out, cross_out], h, c, joint=True, activation="tanh")
+        # The wrong wiring (cross-attention querying with h instead of the self-attention output):
+        wrong_cross = reference_attention(layer.encoder_attn, cross_norm, h, key_value_states=memory)
+        wrong_h, _ = reference_step(layer.lstm, [self_out, wrong_cross], h, c, joint=True, activation="tanh")
+        assert not torch.allclose(out[..., : config.d_model], wrong_h, atol=1e-3)
     torch.testing.assert_close(out, torch.cat([want_h, want_c], -1), atol=1e-5, rtol=1e-5)
+
+
+def test_defaults_are_the_authors_cell() -> None:
+    """The family default is the authors' cell: dual-input decoder step, joint LayerNorm of the
+    pre-activations, tanh candidate, pre-norm residual attention sub-layers."""
+    config = DepthwiseLSTMConfig()
+    assert (config.dlstm_decoder_mode, config.dlstm_gate_norm, config.dlstm_activation) == ("concat", "joint", "tanh")
+    assert config.dlstm_candidate == "linear" and config.dlstm_attention_residual is True
+
+
+def test_a_config_saved_before_the_attention_residual_keeps_its_meaning() -> None:
+    """config.json files written before ``dlstm_attention_residual`` existed describe pure-attention
+    models; loading one must not silently add LayerNorms (and change what the weights compute)."""
+    saved = tiny_config(dlstm_attention_residual=False).to_dict()
+    del saved["dlstm_attention_residual"]
+    assert DepthwiseLSTMConfig.from_dict(saved).dlstm_attention_residual is False
+    assert DepthwiseLSTMConfig.from_dict(tiny_config().to_dict()).dlstm_attention_residual is True
 
 
 # --- no residual stream left -----------------------------------------------------------------
@@ -155,14 +198,18 @@ def test_decoder_layer_wiring(mode: str) -> None:
 
 @pytest.mark.parametrize("candidate", CANDIDATES)
 @pytest.mark.parametrize("mode", DECODER_MODES)
-def test_layers_hold_only_attention_and_cells(mode: str, candidate: str) -> None:
-    """Structure: a layer's children are attention modules and LSTM cells, so every LayerNorm
-    (and, with the "ffn" candidate, every feed-forward weight) sits inside a cell."""
-    model = DepthwiseLSTMForConditionalGeneration(tiny_config(dlstm_decoder_mode=mode, dlstm_candidate=candidate))
-    for layer in [*model.model.encoder.layers, *model.model.decoder.layers]:
-        kinds = {type(child) for child in layer.children()}
-        assert kinds == {FusionAttention, DepthwiseLSTMCell}, kinds
-        assert any(isinstance(m, GateLayerNorm) for m in layer.modules())
+def test_pure_attention_layers_hold_only_attention_and_cells(mode: str, candidate: str) -> None:
+    """Structure of the paper's "pure attention" form: a layer's children are attention modules
+    and LSTM cells, so every LayerNorm (and, with the "ffn" candidate, every feed-forward weight)
+    sits inside a cell. The authors' form adds exactly one pre-norm LayerNorm per attention."""
+    for residual in (False, True):
+        config = tiny_config(dlstm_decoder_mode=mode, dlstm_candidate=candidate, dlstm_attention_residual=residual)
+        model = DepthwiseLSTMForConditionalGeneration(config)
+        for layer in [*model.model.encoder.layers, *model.model.decoder.layers]:
+            kinds = [type(child) for child in layer.children()]
+            assert set(kinds) == {FusionAttention, DepthwiseLSTMCell} | ({nn.LayerNorm} if residual else set()), kinds
+            assert kinds.count(nn.LayerNorm) == (kinds.count(FusionAttention) if residual else 0)
+            assert any(isinstance(m, GateLayerNorm) for m in layer.modules())
 
 
 @pytest.mark.parametrize(("mode", "candidate"), [("per_sublayer", "linear"), ("concat", "ffn")])

@@ -20,6 +20,7 @@ from hf_fusion import (
     FusionTransformerForConditionalGeneration,
     convert_from_pretrained,
 )
+from hf_fusion.memory import FineGrainedLayerAttentionMemory
 from tests.helpers import (
     TINY,
     assert_cached_decoding_matches,
@@ -161,10 +162,13 @@ def test_transparent_memory_is_softmax_weighted_sum_of_encoder_layers():
         torch.testing.assert_close(memory_read, expected, atol=1e-5, rtol=1e-5)
 
 
+PRE_NORM = {"normalize_before": True, "add_final_layer_norm": True}
+
+
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"normalize_before": True, "add_final_layer_norm": True}, {"sharing_strategy": "recurrent"}],
-    ids=["post-norm", "pre-norm", "recurrent-sharing"],
+    [{}, PRE_NORM, {**PRE_NORM, "fusion_top_layer_norm": True}, {"sharing_strategy": "recurrent"}],
+    ids=["post-norm", "pre-norm", "pre-norm-normalised-top", "recurrent-sharing"],
 )
 def test_fine_grained_memory_is_per_dimension_layer_attention(overrides):
     model = build("fine_grained", **overrides).eval()
@@ -173,20 +177,35 @@ def test_fine_grained_memory_is_per_dimension_layer_attention(overrides):
     batch = random_batch()
     read = capture_memories(model, batch)
 
-    encoder = model.get_encoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+    encoder_stack = model.get_encoder()
+    raw_top = []  # what enters the encoder's final LayerNorm, when it has one
+    hook = (
+        encoder_stack.layer_norm.register_forward_pre_hook(lambda module, args: raw_top.append(args[0]))
+        if encoder_stack.layer_norm is not None
+        else None
     )
+    encoder = encoder_stack(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    if hook is not None:
+        hook.remove()
     x0 = model.model.shared(batch["input_ids"])  # word embeddings WITHOUT positions
     if model.config.normalize_before:
         assert memory.embedding_layer_norm is None  # the official code normalises X^0 in post-norm models only
     else:
         x0 = layer_norm(x0, memory.embedding_layer_norm)
     layers = [x0] + list(encoder.hidden_states[1:])
+    other = list(layers)
+    if raw_top and not model.config.fusion_top_layer_norm:  # the official default: X^N before the final LayerNorm
+        layers[-1], other[-1] = raw_top[0], layers[-1]
+    elif raw_top:
+        other[-1] = raw_top[0]
     assert len(read) == model.config.decoder_layers
     for m, memory_read in enumerate(read):
         w = torch.softmax(memory.weight[m], dim=0)  # (N + 1, d): softmax over layers, per dimension
         weighted = sum(w[n] * layers[n] for n in range(len(layers)))
         torch.testing.assert_close(memory_read, layer_norm(weighted, memory.layer_norm), atol=1e-5, rtol=1e-5)
+        if raw_top:  # the reference tells the two choices of X^N apart
+            wrong = sum(w[n] * other[n] for n in range(len(other)))
+            assert not torch.allclose(memory_read, layer_norm(wrong, memory.layer_norm), atol=1e-3)
 
 
 def dlcl_recompute(
@@ -247,13 +266,62 @@ def test_dlcl_matches_the_equation_in_encoder_and_decoder(pre_norm):
         torch.testing.assert_close(out.logits, model.project(dec_final), atol=1e-5, rtol=1e-5)
 
 
-def test_fusion_dropout_is_dropconnect_in_training_only():
-    model = build("fine_grained", fusion_dropout=0.5).train()
+def training_memory_reference(memory, step: int, encoder, variant: str = "official") -> torch.Tensor:
+    """A fusing memory's training-mode output written out from its parameters, drawing the
+    dropout masks in the module's order from the same random stream. ``variant`` builds the
+    plausible wrong implementations the check must reject: ``"after_softmax"`` (dropout on the
+    normalised weights instead of DropConnect on W), ``"no_dropconnect"``, and for fine-grained
+    ``"single_embedding_dropout"`` (one dropout on X^0 where the official code applies two)."""
+    p = memory.dropout
+    states = encoder.layer_states  # (batch, N + 1, src_len, d)
+    if isinstance(memory, FineGrainedLayerAttentionMemory):
+        x0 = encoder.token_embeddings
+        for _ in range(1 if variant == "single_embedding_dropout" else 2):
+            x0 = F.dropout(x0, p=memory.embedding_dropout)
+        if memory.embedding_layer_norm is not None:
+            x0 = layer_norm(x0, memory.embedding_layer_norm)
+        layers = [x0] + list(states[:, 1:].unbind(1))
+        raw = memory.weight[step]  # (N + 1, d): normalised over layers, per dimension
+    else:
+        layers = [layer_norm(states[:, 0], memory.embedding_layer_norm)] + list(states[:, 1:].unbind(1))
+        raw = memory.weight[:, step]  # (N + 1,)
+    if variant == "after_softmax":
+        weights = F.dropout(torch.softmax(raw, dim=0), p=p)
+    elif variant == "no_dropconnect":
+        weights = torch.softmax(raw, dim=0)
+    else:
+        weights = torch.softmax(F.dropout(raw, p=p), dim=0)
+    fused = sum(weights[n] * layers[n] for n in range(len(layers)))
+    if isinstance(memory, FineGrainedLayerAttentionMemory):
+        fused = F.dropout(layer_norm(fused, memory.layer_norm), p=p)
+    return fused
+
+
+@pytest.mark.parametrize("fusion_mode", ["transparent", "fine_grained"])
+def test_fusion_dropout_is_dropconnect_on_the_logits_in_training(fusion_mode):
+    """Training mode, same random stream: the memory equals the reference with DropConnect on W
+    *before* the softmax (and, fine-grained, two dropouts on X^0 and one on the fused output), and
+    differs from each plausible wrong variant built the same way. Evaluation mode is deterministic."""
+    model = build(fusion_mode, fusion_dropout=0.4, dropout=0.3).eval()
+    memory = model.model.decoder.memory
+    randomize(memory)
     batch = random_batch()
-    first, second = capture_memories(model, batch)[0], capture_memories(model, batch)[0]
-    assert not torch.allclose(first, second)  # weights (and the fused memory) are dropped at random
-    model.eval()
-    torch.testing.assert_close(capture_memories(model, batch)[0], capture_memories(model, batch)[0])
+    with torch.no_grad():
+        encoder = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        memory.train()
+        args = (1, encoder.last_hidden_state, encoder.layer_states, encoder.token_embeddings)
+        torch.manual_seed(7)
+        got = memory(*args)
+        torch.manual_seed(7)
+        torch.testing.assert_close(got, training_memory_reference(memory, 1, encoder), atol=1e-5, rtol=1e-5)
+        wrong_variants = ["after_softmax", "no_dropconnect"]
+        if fusion_mode == "fine_grained":
+            wrong_variants.append("single_embedding_dropout")
+        for variant in wrong_variants:
+            torch.manual_seed(7)
+            assert not torch.allclose(got, training_memory_reference(memory, 1, encoder, variant), atol=1e-3), variant
+        memory.eval()
+        torch.testing.assert_close(memory(*args), memory(*args))
 
 
 def test_fused_memory_needs_the_encoder_layer_states():

@@ -15,6 +15,7 @@ from hf_fusion import (
     FusionTransformerForConditionalGeneration,
     SurfaceFusionConfig,
     SurfaceFusionForConditionalGeneration,
+    UnnormalisedBeamScores,
     convert_from_pretrained,
 )
 from hf_fusion.compat import cache_output, output_cache
@@ -36,6 +37,12 @@ HEAD_VARIANTS = {
     "soft": dict(surface_fusion_mode="soft", surface_fusion_tau=0.7),
     "hard_2_heads_no_ffn": dict(surface_fusion_heads=2, surface_fusion_ffn=False),
     "prenorm_hard_learned_gate": dict(surface_fusion_lambda=None, normalize_before=True, add_final_layer_norm=True),
+    # The official code's ablations: pooled sources, the linear variant, a lower query layer.
+    "hard_mean_source": dict(surface_fusion_source="mean"),
+    "soft_max_source_linear": dict(surface_fusion_mode="soft", surface_fusion_source="max", surface_fusion_linear=True),
+    "prenorm_query_layer_0_learned_gate": dict(
+        surface_fusion_query_layer=0, surface_fusion_lambda=None, normalize_before=True, add_final_layer_norm=True
+    ),
 }
 
 
@@ -76,23 +83,33 @@ def recompute(model: SurfaceFusionForConditionalGeneration, batch: dict[str, tor
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         decoder_input_ids=batch["decoder_input_ids"],
+        output_hidden_states=True,
     )
     query, target, keys = decoder_out.top_layer_state, decoder_out.last_hidden_state, encoder_out.last_hidden_state
+    layer = config.surface_fusion_query_layer
+    if layer is not None and layer < config.decoder_layers - 1:
+        query = decoder_out.hidden_states[layer + 1]  # the state after decoder step ``layer``
     scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
     values = model.model.shared.weight[batch["input_ids"]] * scale  # (batch, src_len, d)
-
-    attn, heads = head.surface_attn, config.surface_fusion_heads
     batch_size, tgt_len, d = query.shape
-    head_dim = d // heads
+    keep = batch["attention_mask"][..., None].bool()  # (batch, src_len, 1)
 
-    def split(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-        return (x @ linear.weight.T + linear.bias).view(batch_size, x.shape[1], heads, head_dim).transpose(1, 2)
+    if config.surface_fusion_source == "mean":
+        r = ((values * keep).sum(1) / keep.sum(1))[:, None].expand(-1, tgt_len, -1)
+    elif config.surface_fusion_source == "max":
+        r = torch.stack([row[mask[:, 0]].max(0).values for row, mask in zip(values, keep)])[:, None].expand(-1, tgt_len, -1)
+    else:
+        attn, heads = head.surface_attn, config.surface_fusion_heads
+        head_dim = d // heads
 
-    q, k, v = split(query, attn.q_proj), split(keys, attn.k_proj), split(values, attn.v_proj)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)  # (batch, heads, tgt_len, src_len)
-    scores = scores.masked_fill(batch["attention_mask"][:, None, None, :] == 0, float("-inf"))
-    r = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch_size, tgt_len, d)
-    r = r @ attn.out_proj.weight.T + attn.out_proj.bias
+        def split(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+            return (x @ linear.weight.T + linear.bias).view(batch_size, x.shape[1], heads, head_dim).transpose(1, 2)
+
+        q, k, v = split(query, attn.q_proj), split(keys, attn.k_proj), split(values, attn.v_proj)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)  # (batch, heads, tgt_len, src_len)
+        scores = scores.masked_fill(batch["attention_mask"][:, None, None, :] == 0, float("-inf"))
+        r = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch_size, tgt_len, d)
+        r = r @ attn.out_proj.weight.T + attn.out_proj.bias
 
     if config.surface_fusion_ffn:
         fc1, fc2 = head.ffn.fc1, head.ffn.fc2
@@ -101,6 +118,8 @@ def recompute(model: SurfaceFusionForConditionalGeneration, batch: dict[str, tor
             return x + torch.relu(x @ fc1.weight.T + fc1.bias) @ fc2.weight.T + fc2.bias
 
         target, r = ffn(target), ffn(r)
+    if config.surface_fusion_linear:
+        target, r = target @ head.target_proj.weight.T, r @ head.source_proj.weight.T
     embedding, bias = model.model.shared.weight, model.final_logits_bias
     logits_tgt, logits_src = target @ embedding.T + bias, r @ embedding.T + bias
     log_p_tgt = logits_tgt.log_softmax(-1)
@@ -147,6 +166,9 @@ def test_family_defaults_are_the_papers() -> None:
         ("surface_fusion_heads", 3, "divisors of 16"),
         ("surface_fusion_heads", 0, "positive integer"),
         ("surface_fusion_ffn", "yes", "expected bool"),
+        ("surface_fusion_source", "sum", "'attention', 'mean', 'max'"),
+        ("surface_fusion_query_layer", 2, "0 to decoder_layers - 1 = 1, or None"),
+        ("surface_fusion_linear", 1, "expected bool"),
         ("output_head", "lm", "'surface_fusion'"),
     ],
 )
@@ -184,6 +206,34 @@ def test_fused_log_probs_match_an_independent_recomputation(variant: str) -> Non
     assert (logits - expected["logits_tgt"].log_softmax(-1)).abs().max() > 1e-2
     if model.config.normalize_before:
         assert (expected["query"] - expected["target"]).abs().max() > 1e-2  # query is taken before the final LN
+
+
+@pytest.mark.parametrize(
+    "variant, field",
+    [
+        ("hard_mean_source", "surface_fusion_source"),
+        ("soft_max_source_linear", "surface_fusion_source"),
+        ("soft_max_source_linear", "surface_fusion_linear"),
+        ("prenorm_query_layer_0_learned_gate", "surface_fusion_query_layer"),
+    ],
+)
+def test_the_recomputation_tells_each_ablation_from_the_default(variant: str, field: str) -> None:
+    """The reference is sharp enough to catch a head that ignored an ablation switch: the same
+    weights recomputed with that one field at its default give different log-probabilities (the
+    pooled sources are recomputed as attention with the model's weights only where they exist,
+    so for them the wrong variant is the other pooling)."""
+    model = build(**HEAD_VARIANTS[variant])
+    batch = random_batch()
+    with torch.no_grad():
+        logits = model(**batch).logits
+        value = getattr(model.config, field)
+        wrong = {"surface_fusion_source": "max" if value == "mean" else "mean", "surface_fusion_linear": False}
+        setattr(model.config, field, wrong.get(field))
+        try:
+            wrong_log_probs = recompute(model, batch)["log_probs"]
+        finally:
+            setattr(model.config, field, value)
+    assert (logits - wrong_log_probs).abs().max() > 1e-3
 
 
 def test_hard_mixture_is_unnormalised_and_soft_is_normalised() -> None:
@@ -379,6 +429,46 @@ def test_beam_search_scores_are_the_renormalised_mixture_and_match_uncached() ->
     assert torch.equal(cached.sequences, uncached.sequences)
     torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores)
     assert output_cache(cached).cross_attention_cache.layers[-1].keys.shape[0] == 3 * 3  # batch * beams
+
+
+def teacher_forced_sum(model: SurfaceFusionForConditionalGeneration, batch: dict, sequences: torch.Tensor, normalise: bool) -> torch.Tensor:
+    """Sum over each generated sequence (up to and including its EOS) of the model's log P of the
+    chosen token, unnormalised (the official score) or log-softmaxed (transformers' default)."""
+    log_probs = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=sequences[:, :-1]
+    ).logits
+    if normalise:
+        log_probs = log_probs.log_softmax(-1)
+    chosen = log_probs.gather(-1, sequences[:, 1:, None]).squeeze(-1)  # (batch, steps)
+    eos = model.config.eos_token_id
+    ended = (sequences[:, 1:] == eos).long().cumsum(-1)
+    keep = (ended == 0) | ((ended == 1) & (sequences[:, 1:] == eos))  # tokens up to the first EOS
+    return (chosen * keep).sum(-1)
+
+
+def test_unnormalised_beam_scores_are_the_official_sums_of_log_p() -> None:
+    """With ``UnnormalisedBeamScores`` a finished beam's score is the sum of the unnormalised hard
+    log P of its tokens, as the official decoder scores it; without it, the sum of the renormalised
+    scores. Both checked against a teacher-forced forward of the returned sequences."""
+    model = build()
+    batch = random_batch()
+    kwargs = dict(
+        attention_mask=batch["attention_mask"], num_beams=3, max_new_tokens=5, length_penalty=0.0,
+        return_dict_in_generate=True, output_scores=True,
+    )
+    with torch.no_grad():
+        default = model.generate(batch["input_ids"], **kwargs)
+        official = model.generate(batch["input_ids"], logits_processor=[UnnormalisedBeamScores(model)], **kwargs)
+        for out, normalise in ((default, True), (official, False)):
+            want = teacher_forced_sum(model, batch, out.sequences, normalise)
+            torch.testing.assert_close(out.sequences_scores, want, atol=1e-4, rtol=1e-4)
+        renormalised = teacher_forced_sum(model, batch, official.sequences, normalise=True)
+    assert (official.sequences_scores - renormalised).abs().min() > 1e-3  # the two scorings really differ
+
+
+def test_unnormalised_beam_scores_need_the_surface_fusion_head() -> None:
+    with pytest.raises(TypeError, match="SurfaceFusion head"):
+        UnnormalisedBeamScores(build_tiny("fusion_transformer"))
 
 
 # --- checkpoints, conversion, training, composition -------------------------------------------
