@@ -23,11 +23,9 @@ class DepthwiseLSTMConfig(FusionTransformerConfig):
     Args:
         depth_connection: Always ``"depthwise_lstm"`` (a residual model is the vanilla
             ``fusion_transformer`` family).
-        dlstm_decoder_mode: ``"per_sublayer"`` (default) or ``"concat"``.
-        dlstm_gate_norm: ``"per_gate"`` (default) or ``"joint"``.
-        dlstm_activation: ``"relu"`` (default), ``"gelu"`` or ``"tanh"`` (the signed activation of the
-            authors' Neutron cells).
-        dlstm_candidate: ``"linear"`` (default) or ``"ffn"``.
+        dlstm_decoder_mode / dlstm_gate_norm / dlstm_activation / dlstm_candidate /
+            dlstm_attention_residual: the cell's options, defaulting to the authors' cell
+            (``"concat"``, ``"joint"``, ``"tanh"``, ``"linear"``, ``True``); see ``depthwise_lstm.py``.
         add_final_layer_norm: Defaults to ``True`` here.
 
     Example: recurrent stacking of one depth-wise LSTM layer::

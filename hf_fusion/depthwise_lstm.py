@@ -6,27 +6,43 @@ published; the authors' Neutron library has the matching cell.
 
 What changes. The layers of a stack become the time steps of an LSTM that runs across *depth*:
 its state (h, c) replaces the residual stream, and LayerNorm and the feed-forward network are
-absorbed into the LSTM cell, so a layer is "pure attention + one depth-wise LSTM step". With
-``a`` an attention sub-layer's output and (h, c) the state from below, one step is::
+absorbed into the LSTM cell, so a layer is "attention + one depth-wise LSTM step". With ``a`` an
+attention sub-layer's output and (h, c) the state from below, one step is::
 
     x = [a ; h_prev]
     i, f, o = sigmoid(LN(W_g x + b_g))           # three gates
-    c_hat   = act(LN(W_c x + b_c))                # candidate: ReLU or GELU, the FFN's role
+    c_hat   = act(LN(W_c x + b_c))                # candidate: the FFN's role
     c = f * c_prev + i * c_hat
     h = o * c                                     # no tanh on the cell output
 
-(``dlstm_candidate = "linear"``, the single projection the paper describes). ``dlstm_candidate = "ffn"`` computes the candidate
-as Neutron's cell does, with a whole feed-forward network: ``c_hat = W_2 act(LN(W_1 x + b_1)) + b_2``
-(inner width ``encoder_ffn_dim`` / ``decoder_ffn_dim``); the gates are then the only blocks of the
-pre-activation LayerNorm.
+(``dlstm_candidate = "linear"``, the single projection the paper describes and the authors' cells
+use). ``dlstm_candidate = "ffn"`` computes the candidate with a whole feed-forward network instead,
+``c_hat = W_2 act(LN(W_1 x + b_1)) + b_2`` (inner width ``encoder_ffn_dim`` / ``decoder_ffn_dim``,
+another of the authors' cell variants); the gates are then the only blocks of the pre-activation
+LayerNorm.
 
-- Encoder layer: ``a = SelfAttn(h_prev)``, then one step.
-- Decoder layer (``dlstm_decoder_mode``):
-  ``"per_sublayer"``: ``a = SelfAttn(h_prev)``, a step; ``b = CrossAttn(h)``, another step.
-  ``"concat"``: ``a = SelfAttn(h_prev)``, ``b = CrossAttn(a)``, one step on ``x = [a ; b ; h_prev]``.
-- No residual addition and no LayerNorm outside the cell: every LayerNorm of a layer belongs to
-  its LSTM cell. The attention modules are the core's ``FusionAttention``, so
-  keys/values are cached per depth step exactly as in the residual model.
+The defaults are the authors' cell (their Neutron library's RNMT LSTM cell and its dual-input
+decoder variant):
+- ``dlstm_activation = "tanh"``: a signed candidate. ``"relu"`` (the Transformer FFN's activation)
+  is offered but is not the authors' choice: a non-negative candidate lets c only accumulate over
+  depth, and the project's measurement of a 24+24 model (docs/depthwise_lstm.md) shows it stalling
+  at the unigram loss. ``"gelu"`` is the exact (erf) GELU the authors can configure instead.
+- ``dlstm_gate_norm = "joint"``: one LayerNorm over all 4·d (3·d with the ``"ffn"`` candidate)
+  pre-activations, as the authors' ``LayerNorm((4, d))`` does. ``"per_gate"`` normalises each
+  block over its own d, as the equations are usually written. Both keep a (blocks, d) scale and
+  shift, so the checkpoint layout is the same.
+- ``dlstm_attention_residual = True``: each attention sub-layer keeps a pre-norm residual,
+  ``a = x + dropout(Attn(LN(x)))``, as the authors' attention modules do. ``False`` is the paper's
+  "pure attention" description, ``a = dropout(Attn(x))``, with no LayerNorm outside the cells.
+- ``dlstm_decoder_mode = "concat"``: the authors' dual-input decoder cell, one step per layer on
+  ``x = [a ; b ; h_prev]`` with ``a`` the self-attention and ``b`` the cross-attention sub-layer
+  (the cross-attention queries with ``a``, keeping the sub-layers cascaded).
+  ``"per_sublayer"`` takes one step after each sub-layer instead (``a`` from h_prev, a step, ``b``
+  from the new h, a second step), reading the abstract's "layers and sub-layers" literally.
+
+- Encoder layer: ``a`` = self-attention sub-layer of ``h_prev``, then one step.
+- The attention modules are the core's ``FusionAttention``, so keys/values are cached per depth
+  step exactly as in the residual model.
 
 Where it plugs in. :class:`DepthwiseLSTMConnection` is the stack-level connection object. A
 layer receives the *packed* tensor ``[h ; c]`` of shape ``(batch, len, 2 * d_model)`` as its first
@@ -36,42 +52,26 @@ cut the gradient of c). Between layers the connection keeps ``(h, c)`` apart and
 ``output_hidden_states`` and the encoder-memory seam (EncoderFusion's layer states) see
 d_model-wide states that the next step really consumes.
 
-Choices and defaults (the paper leaves these open; each is a config field):
+Other choices (the paper leaves them open):
 - Initial state: ``h_0 = c_0 = `` the embedding layer output (tokens + positions, after the
-  embedding LayerNorm and dropout), exactly what the residual stack starts from. Neutron's
-  encoder and decoder do the same (``cell = out``; a learned zero cell is commented out there).
-- ``dlstm_decoder_mode = "per_sublayer"`` by default: the paper's abstract wires the depth-wise
-  LSTM across "cascading Transformer layers *and sub-layers*", so each sub-layer gets its own
-  step. ``"concat"`` (one step per layer, cheaper: 3d->4d instead of two 2d->4d projections) is
-  offered because Neutron also has a dual-input cell for it. In ``"concat"`` the cross-attention
-  queries with the self-attention output, keeping the sub-layers cascaded (unconfirmed).
-- ``dlstm_gate_norm = "per_gate"`` by default, as the equations above are written (one LN per
-  gate and one for the candidate, each over d). ``"joint"`` normalises the 4·d (3·d with the
-  ``"ffn"`` candidate) pre-activations together, as Neutron's ``LayerNorm((4, d))`` /
-  ``LayerNorm((3, d))`` do. Both keep a (blocks, d) scale and shift, so the checkpoint layout is
-  the same.
-- ``dlstm_candidate = "linear"`` by default, the single projection of the equations above. Caveat for deep
-  stacks: a ReLU candidate is non-negative, so the cell ``c`` sums non-negative vectors over depth
-  and drifts towards one shared direction; the ``"ffn"`` candidate is signed (it ends in a linear
-  projection). The project's measurements of both are in its docs (depth-wise LSTM page).
-- ``dlstm_activation = "relu"`` by default, the activation of the Transformer-base FFN the
-  candidate replaces; ``"gelu"`` is the exact (erf) GELU; ``"tanh"`` is the signed activation
-  the authors' Neutron cells use, which keeps the cell from accumulating one sign over depth.
+  embedding LayerNorm and dropout), exactly what the residual stack starts from. The authors'
+  encoder and decoder do the same.
 - Dropout (``config.dropout``) on each attention output before it enters the cell and on the
   candidate ``c_hat``: the two places a residual layer drops its sub-layer outputs.
 - The depth-wise LSTM family config turns ``add_final_layer_norm`` on: ``h = o * c`` is not
-  normalised and the cell state grows with depth, and Neutron normalises the stack output too.
+  normalised and the cell state grows with depth, and the authors normalise the stack output too.
+- Configs saved before ``dlstm_attention_residual`` existed load with it off (pure attention),
+  which is what those checkpoints compute (``legacy_field_values`` in the core config).
 
-Parameters. With the ``"linear"`` candidate an encoder layer has the residual layer's count (4d²
-attention + 8d² cell = 12d²); a decoder layer has 24d² (``"per_sublayer"``) or 20d²
-(``"concat"``) against the residual 16d². The ``"ffn"`` candidate puts a whole FFN (12d² with
-inner width 4d: 2d -> 4d -> d) in every cell while the gates shrink to 6d² (encoder layer: 22d²).
+Parameters (``"linear"`` candidate, d = d_model): an encoder layer has 4d² attention + 8d² cell =
+12d², the residual layer's count, plus 2d for the attention LayerNorm of the authors' form; a
+decoder layer has 20d² (``"concat"``) or 24d² (``"per_sublayer"``) against the residual 16d². The
+``"ffn"`` candidate puts a whole FFN (12d² with inner width 4d: 2d -> 4d -> d) in every cell while
+the gates shrink to 6d² (encoder layer: 22d²).
 
-Deviation from Neutron: its attention sub-layers keep a pre-norm residual around the attention
-(``ResSelfAttn``); the paper's "pure attention" description, followed here, has none. Config
-fields the connection does not use: ``activation_function``, and ``encoder_ffn_dim`` /
+Config fields the connection does not use: ``activation_function``, and ``encoder_ffn_dim`` /
 ``decoder_ffn_dim`` / ``activation_dropout`` unless the candidate is ``"ffn"``;
-``normalize_before=True`` is refused.
+``normalize_before=True`` is refused (the cells normalise their own pre-activations).
 """
 
 from __future__ import annotations
