@@ -645,3 +645,15 @@ def test_packing_keeps_texts_whole_and_fills_blocks(tokenizer):
             assert sum(lengths[first:last]) + lengths[last] > budget
         first = last
     assert first == len(texts)
+
+
+@pytest.mark.slow
+def test_cli_with_a_recipe_packs_texts_into_blocks(cli_workspace):
+    tmp = cli_workspace
+    # The recipe's sizes and lengths give way to the command line's (tiny model, max_length 48).
+    trainer = pretrain_main(cli_args(tmp, "packed", "fusion_transformer", "--recipe", "small", "--pack_texts", "true", "--max_steps", "1"))
+    blocks = trainer.train_dataset["text"]
+    texts = [line for line in (tmp / "corpus.txt").read_text().splitlines() if len(line.split()) >= 3]
+    assert " ".join(blocks) == " ".join(texts) and len(blocks) < len(texts)
+    assert trainer.model.backbone.config.d_model == TINY["d_model"]
+    assert trainer.args.learning_rate == 1e-3 and trainer.args.warmup_steps == 50  # the recipe's schedule
