@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-from transformers import AutoModelForSeq2SeqLM, BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForSeq2SeqLM,
+    BartConfig,
+    BartForConditionalGeneration,
+    PreTrainedTokenizerFast,
+    get_scheduler,
+)
 
 from hf_fusion import MODEL_FAMILIES
 from tests.helpers import TINY, run_in_clean_process
@@ -19,9 +27,11 @@ from training.e2s2 import (
     HEADS_WEIGHTS_NAME,
     E2S2DataCollator,
     E2S2ForPreTraining,
+    denoising_loss,
     masked_mean_pool,
     poisson_span_mask,
 )
+from training.e2s2.pretrain import pack_texts, parse_pretrain_arguments
 from training.e2s2.pretrain import pretrain as pretrain_main
 from training.tokenizer import train_tokenizer
 
@@ -502,3 +512,148 @@ def test_cli_refuses_bad_input(cli_workspace):
         pretrain_main([*args, "--lambda_cl", "-1"])
     with pytest.raises(ValueError, match="neither an existing folder nor a known model_type"):
         pretrain_main(cli_args(tmp, "out", "no_such_model", "--max_steps", "1"))
+
+
+# --- the official code's two-class denoising ---------------------------------------------------
+
+
+def independent_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, kept_classes: set[int]) -> float:
+    """Mean of -log softmax(logits)[label] over the positions whose label is in ``kept_classes``,
+    one position at a time in float64 (the softmax always runs over all 3 classes)."""
+    losses = []
+    for scores, label in zip(logits.detach().reshape(-1, 3).double(), labels.reshape(-1).tolist()):
+        if label in kept_classes:
+            losses.append(math.log(sum(math.exp(float(s)) for s in scores)) - float(scores[label]))
+    return sum(losses) / len(losses)
+
+
+def test_two_class_denoising_drops_the_shuffled_positions(tokenizer):
+    torch.manual_seed(0)
+    batch = E2S2DataCollator(tokenizer, shuffle_ratio=0.3, replace_ratio=0.3, seed=1)(random_texts(6, seed=4, min_words=12))
+    labels = batch["denoising_labels"]
+    assert {0, 1, 2} <= set(labels.unique().tolist())  # every class is present, so dropping one matters
+    logits = torch.randn(*labels.shape, 3, requires_grad=True)
+
+    three, two = denoising_loss(logits, labels, classes=3), denoising_loss(logits, labels, classes=2)
+    assert three.item() == pytest.approx(independent_cross_entropy(logits, labels, {0, 1, 2}), rel=1e-6)
+    assert two.item() == pytest.approx(independent_cross_entropy(logits, labels, {0, 2}), rel=1e-6)
+    assert two.item() != pytest.approx(three.item(), rel=1e-3)
+
+    # The official criterion: F.nll_loss with ignore_index = fairseq's padding index 1, which is also
+    # the label of "shuffled" (padding is labelled 0 there; here it is -100 and stays out).
+    official_labels = labels.masked_fill(labels == -100, 1)
+    official = nn.functional.nll_loss(torch.log_softmax(logits.reshape(-1, 3), -1), official_labels.reshape(-1), ignore_index=1)
+    assert two.item() == pytest.approx(official.item(), rel=1e-6)
+
+    # No gradient reaches the logits of a shuffled position in the two-class loss; all of them
+    # receive one in the three-class loss.
+    (gradient,) = torch.autograd.grad(two, logits)
+    assert gradient[labels == 1].abs().sum() == 0 and gradient[labels == 0].abs().sum() > 0
+    (gradient,) = torch.autograd.grad(denoising_loss(logits, labels, classes=3), logits)
+    assert gradient[labels == 1].abs().sum() > 0
+
+
+def test_two_class_switch_reaches_the_wrapper_and_its_checkpoint(tmp_path, tokenizer):
+    batch = E2S2DataCollator(tokenizer, shuffle_ratio=0.3, seed=1)(random_texts(4, seed=4, min_words=12))
+    wrapper = E2S2ForPreTraining(tiny_backbone("fusion_transformer"), denoising_classes=2).eval()
+    with torch.no_grad():
+        output = wrapper(**batch)
+    expected = independent_cross_entropy(output.denoising_logits, batch["denoising_labels"], {0, 2})
+    assert output.loss_terms["denoising"].item() == pytest.approx(expected, rel=1e-5)
+    wrapper.save_pretrained(tmp_path)
+    assert E2S2ForPreTraining.from_pretrained(tmp_path).denoising_classes == 2
+    with pytest.raises(ValueError, match="denoising_classes = 1 is not supported; allowed values: 3, 2"):
+        E2S2ForPreTraining(tiny_backbone("fusion_transformer"), denoising_classes=1)
+
+
+# --- recipes ---------------------------------------------------------------------------------
+
+
+def recipe_argv(recipe: str, *extra: str) -> list[str]:
+    return ["--recipe", recipe, "--model", "fusion_transformer", "--tokenizer", "TOK", "--output_dir", "out", *extra]
+
+
+def test_paper_recipe_is_the_authors_train_sh():
+    """The values of the authors' train.sh (restated in docs/presets.md); tests/test_presets.py
+    compares the whole file with the docs table."""
+    args, training, overrides = parse_pretrain_arguments(recipe_argv("paper"))
+    assert (training.learning_rate, training.warmup_steps, training.max_steps) == (1.5e-6, 6000, 50000)
+    assert (training.adam_beta1, training.adam_beta2, training.adam_epsilon) == (0.9, 0.98, 1e-6)
+    assert (training.weight_decay, training.max_grad_norm) == (0.01, 0.0)
+    assert (args.max_length, args.pack_texts, args.objective) == (1024, True, "e2s2")
+    assert (args.nll_weight, args.lambda_de, args.lambda_cl) == (0.5, 0.05, 0.05)
+    assert overrides == {"dropout": 0.1, "attention_dropout": 0.1}
+
+    # fairseq's polynomial_decay (end lr 0, power 1): linear warmup to the peak, then a straight
+    # line to 0 at the last update; the recipe's Trainer schedule follows it step by step.
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=training.learning_rate)
+    schedule = get_scheduler(
+        training.lr_scheduler_type, optimizer, num_warmup_steps=training.warmup_steps,
+        num_training_steps=training.max_steps, scheduler_specific_kwargs=training.lr_scheduler_kwargs,
+    )  # fmt: skip
+    peak, warmup, total = 1.5e-6, 6000, 50000
+    for step in (0, 1, 3000, 6000, 6001, 28000, 49999, 50000):
+        expected = peak * step / warmup if step < warmup else peak * (1 - (step - warmup) / (total - warmup))
+        assert schedule.lr_lambdas[0](step) * peak == pytest.approx(expected, abs=1e-15), step
+
+
+def test_command_line_wins_over_the_recipe():
+    args, training, overrides = parse_pretrain_arguments(
+        recipe_argv("paper", "--learning_rate", "0.001", "--denoising_classes", "2", "--model_config.dropout", "0.3")
+    )
+    assert training.learning_rate == 0.001 and training.warmup_steps == 6000
+    assert args.denoising_classes == 2
+    assert overrides == {"dropout": 0.3, "attention_dropout": 0.1}
+    # Without a recipe the defaults are Hugging Face's, not the paper's.
+    _, plain, _ = parse_pretrain_arguments(recipe_argv("paper")[2:])
+    assert plain.learning_rate == 5e-5 and plain.warmup_steps == 0
+
+
+def test_small_recipe_builds_a_cpu_sized_model():
+    args, training, overrides = parse_pretrain_arguments(recipe_argv("small"))
+    assert overrides["d_model"] == 96 and training.max_steps == 500 and args.max_length == 64
+    config = AutoConfig.for_model("fusion_transformer", vocab_size=100, **overrides)
+    assert config.max_position_embeddings >= args.max_length
+
+
+def test_bad_recipes_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="'nope' is not a preset; allowed: .*paper.*small"):
+        parse_pretrain_arguments(recipe_argv("nope"))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("lamda_de: 0.1\n")
+    with pytest.raises(ValueError, match="'lamda_de' is no option"):
+        parse_pretrain_arguments(recipe_argv(str(typo)))
+
+
+def test_packing_keeps_texts_whole_and_fills_blocks(tokenizer):
+    texts = random_texts(40, seed=3, max_words=12)
+    collator = E2S2DataCollator(tokenizer, max_length=32)
+    lengths = collator.content_lengths(texts)
+    assert collator.boundary_tokens(texts[0]) == 2  # <s> ... </s>
+    budget = 32 - 2
+    blocks = pack_texts(texts, lengths, budget)
+    assert " ".join(blocks) == " ".join(texts)  # in order, nothing lost
+    # Which texts each block holds (word-level tokenizer: one token per word).
+    first = 0
+    for block_idx, block in enumerate(blocks):
+        words, last = len(block.split()), first
+        while sum(lengths[first:last]) < words:
+            last += 1
+        assert " ".join(texts[first:last]) == block  # whole texts only
+        assert collator.content_lengths([block])[0] == sum(lengths[first:last]) <= budget
+        if block_idx < len(blocks) - 1:  # greedy: the next text would not have fitted
+            assert sum(lengths[first:last]) + lengths[last] > budget
+        first = last
+    assert first == len(texts)
+
+
+@pytest.mark.slow
+def test_cli_with_a_recipe_packs_texts_into_blocks(cli_workspace):
+    tmp = cli_workspace
+    # The recipe's sizes and lengths give way to the command line's (tiny model, max_length 48).
+    trainer = pretrain_main(cli_args(tmp, "packed", "fusion_transformer", "--recipe", "small", "--pack_texts", "true", "--max_steps", "1"))
+    blocks = trainer.train_dataset["text"]
+    texts = [line for line in (tmp / "corpus.txt").read_text().splitlines() if len(line.split()) >= 3]
+    assert " ".join(blocks) == " ".join(texts) and len(blocks) < len(texts)
+    assert trainer.model.backbone.config.d_model == TINY["d_model"]
+    assert trainer.args.learning_rate == 1e-3 and trainer.args.warmup_steps == 50  # the recipe's schedule

@@ -247,6 +247,12 @@ class E2S2DataCollator:
         filter a corpus with ``length >= min_tokens`` before training."""
         return [len(self._split(ids)[1]) for ids in self._tokenize(texts)]
 
+    def boundary_tokens(self, text: str) -> int:
+        """Number of special tokens the tokenizer puts around ``text`` (2 for BART's ``<s> ... </s>``,
+        1 for ``... </s>``): what a block of ``max_length`` tokens leaves for content."""
+        ids = self._tokenize([text])[0]
+        return len(ids) - len(self._split(ids)[1])
+
     def __call__(self, features: Sequence[str | Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         texts = [self._text_of(feature, index) for index, feature in enumerate(features)]
         examples = [self._corrupt(ids, index) for index, ids in enumerate(self._tokenize(texts))]

@@ -3,9 +3,13 @@ plain backbone.
 
 Deviations from the official code, and why:
 
-- The denoising loss trains all three classes. The official criterion passes the padding index
-  (1) as ``ignore_index``, which silently drops the "shuffled" class; here the collator marks
-  padding and special tokens -100 instead.
+- The denoising loss trains all three classes by default (``denoising_classes=3``). The official
+  criterion passes the padding index (1) as ``ignore_index``, which silently drops the "shuffled"
+  class (its label is also 1): positions of shuffled tokens contribute nothing, and the 3-way
+  softmax only ever learns original vs replaced. ``denoising_classes=2`` reproduces that effective
+  objective exactly (shuffled positions leave the loss and its normaliser; the head keeps its 3
+  outputs, as the official head does), so a reproduction of the authors' runs can choose it.
+  Padding and special tokens are -100 either way (marked by the collator).
 - Mean pooling excludes padding (the official ``avg_pool1d`` averages over padded positions, so
   the sentence vector depends on the batch it is in).
 - Losses are means: NLL per target token, L_de per labelled source token, L_cl per anchor (over
@@ -26,9 +30,13 @@ from torch import nn
 from transformers import AutoModelForSeq2SeqLM, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from hf_fusion.configuration_fusion_transformer import check_range
+from hf_fusion.configuration_fusion_transformer import check_choice, check_range
 
-from .collator import IGNORE_INDEX
+from .collator import IGNORE_INDEX, SHUFFLED
+
+# ``denoising_classes``: 3 trains original/shuffled/replaced; 2 is the official code's effective
+# objective, where the ignore index also drops every "shuffled" position.
+DENOISING_CLASSES = (3, 2)
 
 HEADS_WEIGHTS_NAME = "e2s2_heads.safetensors"
 HEADS_CONFIG_NAME = "e2s2_config.json"
@@ -57,9 +65,15 @@ def nt_xent_loss(first: torch.Tensor, second: torch.Tensor, temperature: float =
     return nn.functional.cross_entropy(similarity, positives)
 
 
-def denoising_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of ``(batch, seq_len, 3)`` logits over the labelled positions (zero if none)."""
+def denoising_loss(logits: torch.Tensor, labels: torch.Tensor, classes: int = 3) -> torch.Tensor:
+    """Cross-entropy of ``(batch, seq_len, 3)`` logits over the labelled positions (zero if none).
+
+    ``classes=2`` also leaves out the positions labelled "shuffled" (the official code's effective
+    objective, see the module docstring); the softmax still runs over all 3 logits.
+    """
     labels = labels.reshape(-1).to(logits.device)
+    if classes == 2:
+        labels = labels.masked_fill(labels == SHUFFLED, IGNORE_INDEX)
     if not (labels != IGNORE_INDEX).any():
         return logits.sum() * 0.0
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels, ignore_index=IGNORE_INDEX)
@@ -99,6 +113,8 @@ class E2S2ForPreTraining(nn.Module):
         lambda_cl: Weight of the contrastive loss (≥ 0).
         temperature: NT-Xent temperature τ (> 0).
         nll_weight: Weight w of each of the two NLL terms (≥ 0; the official code uses 0.5).
+        denoising_classes: 3 (default) trains the denoising head on original / shuffled / replaced;
+            2 reproduces the official code, whose ignore index drops the "shuffled" positions.
         head_dropout: Dropout before the denoising head; ``None`` takes the backbone's
             ``config.dropout``.
     """
@@ -113,6 +129,7 @@ class E2S2ForPreTraining(nn.Module):
         lambda_cl: float = 0.05,
         temperature: float = 1.0,
         nll_weight: float = 0.5,
+        denoising_classes: int = 3,
         head_dropout: float | None = None,
     ):
         super().__init__()
@@ -120,6 +137,7 @@ class E2S2ForPreTraining(nn.Module):
         for field, value in (("lambda_de", lambda_de), ("lambda_cl", lambda_cl), ("nll_weight", nll_weight)):
             check_range(name, field, value, 0.0, None)
         check_range(name, "temperature", temperature, 0.0, None, low_inclusive=False)
+        check_choice(name, "denoising_classes", denoising_classes, DENOISING_CLASSES)
         if head_dropout is None:
             head_dropout = float(getattr(backbone.config, "dropout", 0.0))
         check_range(name, "head_dropout", head_dropout, 0.0, 1.0, high_inclusive=False)
@@ -128,6 +146,7 @@ class E2S2ForPreTraining(nn.Module):
         self.lambda_cl = lambda_cl
         self.temperature = temperature
         self.nll_weight = nll_weight
+        self.denoising_classes = denoising_classes
         self.head_dropout = head_dropout
         width = backbone.get_input_embeddings().embedding_dim
         self.denoising_dropout = nn.Dropout(head_dropout)
@@ -147,6 +166,7 @@ class E2S2ForPreTraining(nn.Module):
             "lambda_cl": self.lambda_cl,
             "temperature": self.temperature,
             "nll_weight": self.nll_weight,
+            "denoising_classes": self.denoising_classes,
             "head_dropout": self.head_dropout,
         }
 
@@ -169,7 +189,7 @@ class E2S2ForPreTraining(nn.Module):
         second = self.backbone(input_ids=second_input_ids, attention_mask=second_attention_mask, labels=labels)
 
         denoising_logits = self.denoising_head(self.denoising_dropout(main.encoder_last_hidden_state))  # (batch, src_len, 3)
-        loss_de = denoising_loss(denoising_logits, denoising_labels)
+        loss_de = denoising_loss(denoising_logits, denoising_labels, self.denoising_classes)
         pooled_main = masked_mean_pool(main.encoder_last_hidden_state, attention_mask)  # (batch, d)
         pooled_second = masked_mean_pool(second.encoder_last_hidden_state, second_attention_mask)
         loss_cl = nt_xent_loss(pooled_main, pooled_second, self.temperature)

@@ -15,10 +15,17 @@ option is a ``TrainingArguments`` option (``--output_dir``, ``--max_steps``, ``-
 ``--learning_rate``, ``--resume_from_checkpoint PATH|last``, ...). Checkpoints and the final
 ``--output_dir`` load as the plain model for fine-tuning (the E2S2 heads sit beside it in
 ``e2s2_heads.safetensors``).
+
+``--recipe NAME`` starts from a preset, ``training/configs/presets/e2s2_NAME.yaml`` (``paper``: the
+authors' continued-pretraining recipe; ``small``: a CPU-sized run), or from any YAML file of the
+same form: its keys are options of this command (``model_config:`` holds config fields), and every
+option given on the command line wins over the recipe. Without ``--recipe`` the defaults are
+Hugging Face's (lr 5e-5, linear decay, no warmup), which is not the paper's setting.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -27,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import yaml
 from transformers import (
     AutoConfig,
     AutoModelForSeq2SeqLM,
@@ -40,13 +48,15 @@ from transformers import (
 
 import hf_fusion  # noqa: F401  (registers the hf_fusion model types with the Auto classes)
 
-from ..arguments import split_config_options
+from ..arguments import MODEL_CONFIG_KEY, split_config_options
 from ..tokenizer import check_tokenizer_fits, config_fields_for
 from .collator import OBJECTIVES, E2S2DataCollator
 from .model import E2S2ForPreTraining
 from .trainer import E2S2Trainer
 
 logger = logging.getLogger(__name__)
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "presets"
+RECIPE_PREFIX = "e2s2_"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -74,6 +84,105 @@ class PretrainArguments:
     lambda_cl: float = field(default=0.05, metadata={"help": "E2S2: weight of the contrastive loss."})
     temperature: float = field(default=1.0, metadata={"help": "E2S2: NT-Xent temperature."})
     nll_weight: float = field(default=0.5, metadata={"help": "E2S2: weight of each of the two NLL terms."})
+    denoising_classes: int = field(
+        default=3,
+        metadata={
+            "help": "E2S2: 3 trains original/shuffled/replaced; 2 reproduces the official code, whose ignore "
+            "index drops the shuffled positions.",
+            "choices": [3, 2],
+        },
+    )
+    pack_texts: bool = field(
+        default=False,
+        metadata={
+            "help": "Join consecutive texts into blocks of up to --max_length tokens, never splitting a text "
+            "(fairseq's --sample-break-mode complete), instead of one example per text."
+        },
+    )
+    recipe: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Start from a preset: a name ({RECIPE_PREFIX}NAME.yaml in training/configs/presets, e.g. "
+            "paper or small) or a YAML file; command-line options win over it."
+        },
+    )
+
+
+def recipe_path(recipe: str) -> Path:
+    """The YAML file of ``--recipe``: an existing file, or the preset ``e2s2_<recipe>.yaml``."""
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ValueError(f"--recipe {recipe!r}: no such file.")
+        return path
+    preset = PRESET_DIR / f"{RECIPE_PREFIX}{recipe}.yaml"
+    if not preset.is_file():
+        names = sorted(file.stem[len(RECIPE_PREFIX) :] for file in PRESET_DIR.glob(f"{RECIPE_PREFIX}*.yaml"))
+        raise ValueError(f"--recipe {recipe!r} is not a preset; allowed: {', '.join(names)}, or a YAML file.")
+    return preset
+
+
+def load_recipe(path: Path) -> dict[str, Any]:
+    """A recipe file's settings, every key checked to be an option of the command (a typo must not
+    silently leave a paper value at its default)."""
+    settings = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(settings, dict) or not isinstance(settings.get(MODEL_CONFIG_KEY, {}), dict):
+        # ValueError, not TypeError: the CLI reports it as a bad option (exit status 2).
+        raise ValueError(f"{path} must hold a mapping of option names to values ({MODEL_CONFIG_KEY}: a mapping).")  # noqa: TRY004
+    known = {f.name for cls in (PretrainArguments, TrainingArguments) for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(settings) - known - {MODEL_CONFIG_KEY})
+    if unknown:
+        raise ValueError(f"{path}: {', '.join(map(repr, unknown))} is no option of `hf-fusion pretrain-e2s2`.")
+    return settings
+
+
+def _recipe_option(options: list[str]) -> str | None:
+    """The value of ``--recipe`` in ``options`` (read before parsing: the recipe sets the defaults)."""
+    for position, token in enumerate(options):
+        if token == "--recipe" and position + 1 < len(options):
+            return options[position + 1]
+        if token.startswith("--recipe="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def parse_pretrain_arguments(
+    argv: Sequence[str],
+) -> tuple[PretrainArguments, TrainingArguments, dict[str, Any]]:
+    """``argv`` -> the command's arguments and the config-field overrides, with ``--recipe``'s
+    settings as defaults under the command line. Parses only: no file but the recipe is read.
+
+    Raises:
+        ValueError: for an unknown recipe, or a recipe key that is no option of the command.
+    """
+    options, overrides, _ = split_config_options(list(argv))
+    parser = HfArgumentParser((PretrainArguments, TrainingArguments), prog="hf-fusion pretrain-e2s2")
+    recipe = _recipe_option(options)
+    if recipe is not None:
+        settings = load_recipe(recipe_path(recipe))
+        overrides = {**settings.pop(MODEL_CONFIG_KEY, {}), **overrides}
+        parser.set_defaults(**settings)
+    args, training_args = parser.parse_args_into_dataclasses(args=options)
+    return args, training_args, overrides
+
+
+def pack_texts(texts: Sequence[str], lengths: Sequence[int], budget: int) -> list[str]:
+    """Join consecutive texts (with a space) into blocks of at most ``budget`` content tokens,
+    never splitting a text: fairseq's ``--sample-break-mode complete``, which the E2S2 recipe uses
+    for its 1,024-token blocks. A text longer than the budget stays a block of its own (and is
+    truncated by the collator)."""
+    blocks: list[str] = []
+    current: list[str] = []
+    used = 0
+    for text, length in zip(texts, lengths):
+        if current and used + length > budget:
+            blocks.append(" ".join(current))
+            current, used = [], 0
+        current.append(text)
+        used += length
+    if current:
+        blocks.append(" ".join(current))
+    return blocks
 
 
 def load_texts(args: PretrainArguments) -> datasets.Dataset:
@@ -139,9 +248,7 @@ def check_model_fits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 def pretrain(argv: Sequence[str] | None = None) -> E2S2Trainer:
     """Parse ``argv`` (default ``sys.argv[1:]``), pretrain, save to ``--output_dir``; return the
     Trainer (its state holds the logged loss terms)."""
-    options, overrides, _ = split_config_options(list(sys.argv[1:] if argv is None else argv))
-    parser = HfArgumentParser((PretrainArguments, TrainingArguments), prog="hf-fusion pretrain-e2s2")
-    args, training_args = parser.parse_args_into_dataclasses(args=options)
+    args, training_args, overrides = parse_pretrain_arguments(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     # The collator reads the raw text column, which the Trainer would otherwise drop.
     training_args.remove_unused_columns = False
@@ -169,6 +276,11 @@ def pretrain(argv: Sequence[str] | None = None) -> E2S2Trainer:
     logger.info("%d usable texts (%d dropped as shorter than %d tokens).", len(texts), total - len(texts), args.min_tokens)
     if len(texts) == 0:
         raise ValueError(f"No text has at least --min_tokens {args.min_tokens} tokens.")
+    if args.pack_texts:
+        budget = args.max_length - collator.boundary_tokens(texts[0]["text"])
+        lengths = collator.content_lengths(texts["text"])
+        texts = datasets.Dataset.from_dict({"text": pack_texts(texts["text"], lengths, budget)})
+        logger.info("Packed into %d blocks of up to %d tokens.", len(texts), args.max_length)
 
     backbone = build_backbone(args, tokenizer, overrides)
     check_model_fits(backbone, tokenizer, args.max_length)
@@ -180,6 +292,7 @@ def pretrain(argv: Sequence[str] | None = None) -> E2S2Trainer:
             lambda_cl=args.lambda_cl,
             temperature=args.temperature,
             nll_weight=args.nll_weight,
+            denoising_classes=args.denoising_classes,
         )
     trainer = E2S2Trainer(
         model=model, args=training_args, train_dataset=texts, data_collator=collator, processing_class=tokenizer
