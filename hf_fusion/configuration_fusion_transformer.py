@@ -240,9 +240,9 @@ class FusionTransformerConfig(PreTrainedConfig):
             candidate, normalised on its own over d).
         dlstm_activation: Activation of the LSTM candidate (the feed-forward's role): ``"tanh"``
             (default, the authors' signed activation), ``"gelu"`` or ``"relu"``.
-        dlstm_attention_residual: Wrap each attention sub-layer in a pre-norm residual,
-            ``x + dropout(Attn(LN(x)))``, as the authors' implementation does (default); ``False``
-            is the paper's "pure attention" ``dropout(Attn(x))``.
+        dlstm_attention_residual: Wrap each attention sub-layer in a pre-norm residual on the
+            normalised input, ``LN(x) + dropout(Attn(LN(x)))``, as the authors' implementation does
+            (default); ``False`` is the paper's "pure attention" ``dropout(Attn(x))``.
         dlstm_candidate: How the LSTM candidate is computed: ``"linear"`` (``act(LN(W x + b))``,
             the single projection of the equations in ``depthwise_lstm.py``) or ``"ffn"``
             (``W_2 act(LN(W_1 x + b_1)) + b_2`` with

@@ -31,9 +31,10 @@ decoder variant):
   pre-activations, as the authors' ``LayerNorm((4, d))`` does. ``"per_gate"`` normalises each
   block over its own d, as the equations are usually written. Both keep a (blocks, d) scale and
   shift, so the checkpoint layout is the same.
-- ``dlstm_attention_residual = True``: each attention sub-layer keeps a pre-norm residual,
-  ``a = x + dropout(Attn(LN(x)))``, as the authors' attention modules do. ``False`` is the paper's
-  "pure attention" description, ``a = dropout(Attn(x))``, with no LayerNorm outside the cells.
+- ``dlstm_attention_residual = True``: each attention sub-layer keeps a pre-norm residual on the
+  normalised input, ``a = LN(x) + dropout(Attn(LN(x)))``, as the authors' attention modules do by
+  default. ``False`` is the paper's "pure attention" description, ``a = dropout(Attn(x))``, with
+  no LayerNorm outside the cells.
 - ``dlstm_decoder_mode = "concat"``: the authors' dual-input decoder cell, one step per layer on
   ``x = [a ; b ; h_prev]`` with ``a`` the self-attention and ``b`` the cross-attention sub-layer
   (the cross-attention queries with ``a``, keeping the sub-layers cascaded).
@@ -178,13 +179,15 @@ def attend(
 
     Without ``layer_norm`` it is the paper's "pure attention" ``dropout(Attn(x))``; with one
     (``dlstm_attention_residual``) it is the authors' pre-norm residual form
-    ``x + dropout(Attn(LN(x)))``. Returns the sub-layer output (batch, len, d_model) and the
-    attention weights.
+    ``LN(x) + dropout(Attn(LN(x)))``, whose residual is the *normalised* input (their attention
+    modules' default): the LSTM output h = o * c is not normalised and its scale drifts with
+    depth, and the normalised residual keeps that drift out of the cell's input. Returns the
+    sub-layer output (batch, len, d_model) and the attention weights.
     """
     query = hidden_states if layer_norm is None else layer_norm(hidden_states)
     out, weights = attention(query, **attention_kwargs)
     out = nn.functional.dropout(out, p=dropout, training=training)
-    return (out if layer_norm is None else hidden_states + out), weights
+    return (out if layer_norm is None else query + out), weights
 
 
 def attention_layer_norm(config: FusionTransformerConfig) -> nn.LayerNorm | None:

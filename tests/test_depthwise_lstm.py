@@ -124,11 +124,11 @@ def reference_attention(
     attention: FusionAttention, layer_norm: nn.LayerNorm | None, x: torch.Tensor, **kwargs
 ) -> torch.Tensor:
     """A sub-layer's output as the layer must compute it: ``Attn(x)`` ("pure"), or the authors'
-    pre-norm residual ``x + Attn(LN(x))`` with the LayerNorm written out."""
+    pre-norm residual on the normalised input, ``LN(x) + Attn(LN(x))``, with the LayerNorm written out."""
     if layer_norm is None:
         return attention(x, **kwargs)[0]
     normed = standardize(x, layer_norm.eps) * layer_norm.weight + layer_norm.bias
-    return x + attention(normed, **kwargs)[0]
+    return normed + attention(normed, **kwargs)[0]
 
 
 @pytest.mark.parametrize("residual", (True, False))
@@ -142,8 +142,10 @@ def test_encoder_layer_is_attention_then_one_step(residual: bool) -> None:
     attn = reference_attention(layer.self_attn, layer.self_attn_layer_norm, h)
     want_h, want_c = reference_step(layer.lstm, [attn], h, c, joint=True, activation="tanh")
     torch.testing.assert_close(out, torch.cat([want_h, want_c], -1), atol=1e-5, rtol=1e-5)
-    # A layer that dropped the residual (or kept it in "pure" mode) is caught by the same check.
-    wrong = attn - h if residual else attn + h
+    # Plausible wrong layers are caught by the same check: a residual on the raw input x instead
+    # of LN(x) in the authors' form, a residual at all in the "pure" form.
+    normed = standardize(h, config.layer_norm_eps)
+    wrong = attn - normed * layer.self_attn_layer_norm.weight - layer.self_attn_layer_norm.bias + h if residual else attn + h
     wrong_h, wrong_c = reference_step(layer.lstm, [wrong], h, c, joint=True, activation="tanh")
     assert not torch.allclose(out, torch.cat([wrong_h, wrong_c], -1), atol=1e-3)
 
