@@ -76,7 +76,7 @@ def test_ding_pairs_are_clean_sentences(ding: datasets.DatasetDict) -> None:
                 assert markup.search(text) is None, text
                 assert text == " ".join(text.split()), text
             assert source != target
-    # DATA.md's example pair survives cleaning, English as source and German as target.
+    # A known dictionary example sentence survives cleaning, English as source and German as target.
     everything = {pair for split in SPLITS for pair in _rows(ding[split])}
     assert ("Eventually the river flows into the sea.", "Der Fluss mündet schließlich ins Meer.") in everything
 
