@@ -48,10 +48,30 @@ from hf_fusion import (
 from training.corpora import build_default_corpus
 from training.tokenizer import train_tokenizer
 
+# Depth-wise LSTM models by how they differ from the family's defaults (the authors' cell).
+DLSTM_VARIANTS: dict[str, dict[str, object]] = {
+    "depthwise_lstm": {},
+    "depthwise_lstm_ffn": {"dlstm_candidate": "ffn"},
+    # one option of the authors' cell changed at a time
+    "depthwise_lstm_relu": {"dlstm_activation": "relu"},
+    "depthwise_lstm_pure": {"dlstm_attention_residual": False},
+    "depthwise_lstm_per_sublayer": {"dlstm_decoder_mode": "per_sublayer"},
+    "depthwise_lstm_per_gate": {"dlstm_gate_norm": "per_gate"},
+    # the family's defaults before they became the authors' cell
+    "depthwise_lstm_pure_relu": {
+        "dlstm_attention_residual": False,
+        "dlstm_decoder_mode": "per_sublayer",
+        "dlstm_gate_norm": "per_gate",
+        "dlstm_activation": "relu",
+    },
+}
 # The deep models this script can train (the shallow control is added with --control-layers).
-VARIANTS = ("residual_postnorm", "depthwise_lstm", "depthwise_lstm_ffn", "depthwise_lstm_pure_relu")
+VARIANTS = ("residual_postnorm", *DLSTM_VARIANTS)
 # One colour per model in every plot, so the figures of several runs read alike.
-COLORS = {"residual_postnorm": "tab:blue", "depthwise_lstm": "tab:orange", "depthwise_lstm_ffn": "tab:purple"}
+COLORS = {
+    "residual_postnorm": "tab:blue", "depthwise_lstm": "tab:orange", "depthwise_lstm_ffn": "tab:purple",
+    "depthwise_lstm_pure_relu": "tab:green",
+}
 # Run settings that must agree before results of two runs are shown side by side.
 COMPARABLE = (
     "layers", "d_model", "heads", "ffn_dim", "vocab_size", "max_len", "batch_size", "lr", "warmup", "dropout", "seed",
@@ -144,30 +164,13 @@ def build_models(args: argparse.Namespace, vocab_size: int) -> dict[str, nn.Modu
         max_position_embeddings=args.max_len,
         dropout=args.dropout,
     )
-    builders = {
-        "residual_postnorm": lambda: FusionTransformerForConditionalGeneration(
-            FusionTransformerConfig(**common, normalize_before=False)
-        ),
-        "depthwise_lstm": lambda: DepthwiseLSTMForConditionalGeneration(DepthwiseLSTMConfig(**common)),
-        "depthwise_lstm_ffn": lambda: DepthwiseLSTMForConditionalGeneration(
-            DepthwiseLSTMConfig(**common, dlstm_candidate="ffn")
-        ),
-        # The family's defaults before they became the authors' cell: pure attention, one step per
-        # decoder sub-layer, per-gate LayerNorm, ReLU candidate.
-        "depthwise_lstm_pure_relu": lambda: DepthwiseLSTMForConditionalGeneration(
-            DepthwiseLSTMConfig(
-                **common,
-                dlstm_attention_residual=False,
-                dlstm_decoder_mode="per_sublayer",
-                dlstm_gate_norm="per_gate",
-                dlstm_activation="relu",
-            )
-        ),
-    }
     models = {}
     for name in args.variants:
         torch.manual_seed(args.seed)
-        models[name] = builders[name]()
+        if name == "residual_postnorm":
+            models[name] = FusionTransformerForConditionalGeneration(FusionTransformerConfig(**common, normalize_before=False))
+        else:
+            models[name] = DepthwiseLSTMForConditionalGeneration(DepthwiseLSTMConfig(**common, **DLSTM_VARIANTS[name]))
     if args.control_layers:
         torch.manual_seed(args.seed)
         shallow = dict(common, encoder_layers=args.control_layers, decoder_layers=args.control_layers)
@@ -372,9 +375,10 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_grad) = plt.subplots(1, 2, figsize=(12, 4.5))
+    spare_colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"][4:])
     for name, r in report["results"].items():
         steps = [e["step"] for e in r["train"]]
-        color = COLORS.get(name, "tab:green")
+        color = COLORS.get(name) or next(spare_colors, "tab:gray")
         ax_loss.plot(steps, [e["loss"] for e in r["train"]], color=color, label=f"{name} (train)")
         ax_loss.plot(
             [e["step"] for e in r["validation"]], [e["loss"] for e in r["validation"]], "o--",
