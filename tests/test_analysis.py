@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hf_fusion import MODEL_FAMILIES
 from hf_fusion.analysis import (
     decoding_speed,
     embedding_similarity,
@@ -29,6 +30,7 @@ from hf_fusion.analysis.common import encode_sample, token_nll
 from hf_fusion.analysis.layer_masking import masked_encoder_layers
 from hf_fusion.analysis.nonlinearity import fit_linear_map, linearized_step, record_steps
 from hf_fusion.analysis.recurrence import with_depth
+from hf_fusion.checkpoint_code import model_code_files
 from tests.helpers import REPO_ROOT, build_tiny, random_batch
 from training import evaluate_file
 from training.tokenizer import train_tokenizer
@@ -97,6 +99,13 @@ def _sample(count: int = len(SOURCES)) -> evaluate_file.TestSet:
 
 
 # --- common ----------------------------------------------------------------------------------------
+
+
+def test_the_analyses_are_never_copied_into_a_checkpoint() -> None:
+    package = Path(layer_masking.__file__).parent
+    for model_type in MODEL_FAMILIES:
+        files = model_code_files(model_type)
+        assert files and not any(path.resolve().is_relative_to(package.resolve()) for path in files), model_type
 
 
 def test_token_nll_is_the_models_own_mean_loss_over_all_tokens(tokenizer) -> None:
