@@ -43,7 +43,13 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from training.corpora import _DING_TAG, BUILTIN_CORPORA, default_cache_root, fetch_debian_package
+from training.corpora import (
+    BUILTIN_CORPORA,
+    default_cache_root,
+    ding_sub_entries,
+    fetch_debian_package,
+    strip_ding_markup,
+)
 
 from .common import load_checkpoint, write_table
 
@@ -53,7 +59,7 @@ WordPair = tuple[str, str]
 def _one_word_alternatives(entry: str, english: bool) -> Iterator[str]:
     """The ``;``-separated alternatives of one Ding sub-entry that are a single word."""
     for alternative in entry.split("; "):
-        text = " ".join(_DING_TAG.sub("", alternative).split())
+        text = strip_ding_markup(alternative)
         if english and text.startswith("to "):
             text = text[3:]
         if text.isalpha() and len(text) > 1:  # single letters are symbols (music notes, grades)
@@ -62,21 +68,13 @@ def _one_word_alternatives(entry: str, english: bool) -> Iterator[str]:
 
 def read_ding_lexicon(path: str | os.PathLike) -> list[WordPair]:
     """(English, German) one-word translation pairs of a Ding dictionary file, in file order,
-    without duplicates. Lines read ``German | sub-entry :: English | sub-entry``; sub-entries pair
-    up only when both sides have the same number of them (as for the corpus' sentences)."""
+    without duplicates: every one-word English alternative of a sub-entry with every one-word
+    German alternative of its counterpart (``training.corpora.ding_sub_entries``)."""
     pairs: dict[WordPair, None] = {}
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.startswith("#") or " :: " not in line:
-                continue
-            german, english = line.rstrip("\n").split(" :: ", 1)
-            german_entries, english_entries = german.split(" | "), english.split(" | ")
-            if len(german_entries) != len(english_entries):
-                continue
-            for german_entry, english_entry in zip(german_entries, english_entries):
-                targets = list(_one_word_alternatives(german_entry, english=False))
-                for source in _one_word_alternatives(english_entry, english=True):
-                    pairs.update(dict.fromkeys((source, target) for target in targets))
+    for german_entry, english_entry in ding_sub_entries(path):
+        targets = list(_one_word_alternatives(german_entry, english=False))
+        for source in _one_word_alternatives(english_entry, english=True):
+            pairs.update(dict.fromkeys((source, target) for target in targets))
     return list(pairs)
 
 

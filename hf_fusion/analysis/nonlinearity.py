@@ -45,7 +45,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from training.batching import LABEL_PAD
 from training.evaluate_file import TestSet
 
-from .common import add_sample_arguments, encode_sample, load_checkpoint, read_sample, token_nll, write_table
+from .common import (
+    add_sample_arguments,
+    encode_sample,
+    load_checkpoint,
+    read_sample,
+    sample_from_args,
+    token_nll,
+    write_table,
+)
 
 STACKS = ("encoder", "decoder")
 # (step_idx, layer input, layer output tuple) -> a replacement output tuple, or None to keep it.
@@ -215,7 +223,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.fit_split is not None and args.corpus is None:
         parser.error("--fit_split needs --corpus")
     model, tokenizer = load_checkpoint(args.checkpoint)
-    sample = read_sample(args.test_file, args.reference_file, args.corpus, args.split, args.max_sentences)
+    sample = sample_from_args(args)
     fit_sample = None if args.fit_split is None else read_sample(
         corpus=args.corpus, split=args.fit_split, max_sentences=args.max_sentences
     )
