@@ -35,8 +35,10 @@ from ..families import MODEL_FAMILIES
 TABLE_SUFFIXES = (".md", ".json")
 
 
-def load_checkpoint(checkpoint: str | os.PathLike) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """An hf_fusion model (eval mode, float32, CPU) and its tokenizer from a saved folder.
+def load_checkpoint(
+    checkpoint: str | os.PathLike, device: str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """An hf_fusion model (eval mode, float32, on ``device``) and its tokenizer from a saved folder.
 
     The installed hf_fusion classes are used, not the code saved in the folder
     (``trust_remote_code``): the analyses rebuild models and reach into seam modules, which must be
@@ -51,7 +53,7 @@ def load_checkpoint(checkpoint: str | os.PathLike) -> tuple[PreTrainedModel, Pre
             f"{checkpoint} holds a {model.config.model_type!r} model; the analyses need an hf_fusion family: "
             f"{', '.join(MODEL_FAMILIES)}."
         )
-    return model.eval(), AutoTokenizer.from_pretrained(checkpoint)
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(checkpoint)
 
 
 def read_sample(
@@ -168,16 +170,19 @@ def write_table(rows: Sequence[Mapping[str, Any]], output: str | os.PathLike, ti
     return output
 
 
-def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
-    """The test-data options every analysis command shares."""
+def add_sample_arguments(parser: argparse.ArgumentParser, scoring: bool = True) -> None:
+    """The test-data options every analysis command that runs a model shares, and ``--device``;
+    with ``scoring``, also the batch size of the loss and the longest greedy translation."""
     data = parser.add_argument_group("test data (one of --test_file or --corpus)")
     data.add_argument("--test_file", default=None, help="jsonl/json/tsv/csv with source and target, or plain sources")
     data.add_argument("--reference_file", default=None, help="plain-text references, one per line of --test_file")
     data.add_argument("--corpus", default=None, help="a built-in corpus (ding, libreoffice)")
     data.add_argument("--split", default="test", help="split of --corpus (default: test)")
     data.add_argument("--max_sentences", type=int, default=None, help="use only the first N pairs")
-    data.add_argument("--batch_size", type=int, default=32, help="sentences per batch of the teacher-forced loss")
-    data.add_argument("--max_length", type=int, default=None, help="longest greedy translation in tokens")
+    if scoring:
+        data.add_argument("--batch_size", type=int, default=32, help="sentences per batch of the teacher-forced loss")
+        data.add_argument("--max_length", type=int, default=None, help="longest greedy translation in tokens")
+    parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, ...)")
 
 
 def sample_from_args(args: argparse.Namespace) -> TestSet:

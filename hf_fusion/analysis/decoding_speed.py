@@ -63,7 +63,7 @@ def _decode(decoder: Decoder, batches: Sequence[dict[str, torch.Tensor]], genera
     tokens = 0
     for batch in batches:
         output = decoder.model.generate(**batch, **generate_kwargs)
-        tokens += int((output[:, 1:] != pad).sum())
+        tokens += int((output[:, 1:] != pad).sum())  # int() waits for the device: the GPU work is timed too
     return tokens
 
 
@@ -147,13 +147,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--depth", type=int, default=None,
                         help="decode every (recurrently stacked) model with this many recurrences per stack")
     parser.add_argument("--output", required=True, help="table to write (.md or .json)")
-    add_sample_arguments(parser)
+    add_sample_arguments(parser, scoring=False)
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     decoders = []
     for checkpoint in args.checkpoints:
-        model, tokenizer = load_checkpoint(checkpoint)
+        model, tokenizer = load_checkpoint(checkpoint, args.device)
         if args.depth is not None:
             model = with_depth(model, args.depth, args.depth)
         decoders.append(Decoder(checkpoint, model, tokenizer))

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--output", required=True, help="table to write (.md or .json)")
     add_sample_arguments(parser)
     args = parser.parse_args(argv)
-    model, tokenizer = load_checkpoint(args.checkpoint)
+    model, tokenizer = load_checkpoint(args.checkpoint, args.device)
     sample = sample_from_args(args)
     rows = layer_masking_ablation(model, tokenizer, sample, args.layers, args.batch_size, args.max_length)
     notes = (f"{args.checkpoint} ({model.config.encoder_memory} memory), {len(sample.sources)} sentences of "

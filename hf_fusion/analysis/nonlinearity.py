@@ -70,7 +70,8 @@ class LinearMap(NamedTuple):
     r2: float
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
-        return (inputs.double() @ self.weight + self.bias).to(inputs.dtype)
+        weight, bias = self.weight.to(inputs.device), self.bias.to(inputs.device)
+        return (inputs.double() @ weight + bias).to(inputs.dtype)
 
 
 @contextmanager
@@ -121,8 +122,10 @@ def record_steps(
         return action
 
     base = model.base_model
+    device = next(model.parameters()).device
     with on_steps(base.encoder, recorder("encoder")), on_steps(base.decoder, recorder("decoder")):
         for batch in batches:
+            batch = {name: tensor.to(device) for name, tensor in batch.items()}
             current.update({stack: _positions(batch, stack) for stack in STACKS})
             model(**batch)
     return {key: (torch.cat(ins), torch.cat(outs)) for key, (ins, outs) in records.items()}
@@ -222,7 +225,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if args.fit_split is not None and args.corpus is None:
         parser.error("--fit_split needs --corpus")
-    model, tokenizer = load_checkpoint(args.checkpoint)
+    model, tokenizer = load_checkpoint(args.checkpoint, args.device)
     sample = sample_from_args(args)
     fit_sample = None if args.fit_split is None else read_sample(
         corpus=args.corpus, split=args.fit_split, max_sentences=args.max_sentences

@@ -145,19 +145,20 @@ def attention_maps(
         ``decoder_self`` ``(tgt, tgt)``, ``cross`` ``(tgt, src)``; rows are queries.
     """
     model.eval()
-    inputs = tokenizer([source], return_tensors="pt")
+    device = next(model.parameters()).device
+    inputs = tokenizer([source], return_tensors="pt").to(device)
     if target is None:
         labels = model.generate(**inputs, num_beams=1, do_sample=False)[:, 1:]  # drop the start token
     else:
-        labels = tokenizer(text_target=[target], return_tensors="pt")["input_ids"]
+        labels = tokenizer(text_target=[target], return_tensors="pt")["input_ids"].to(device)
     outputs = model(**inputs, labels=labels, output_attentions=True)
     decoder_inputs = model.prepare_decoder_input_ids_from_labels(labels)[0]
     return {
-        "source_tokens": tokenizer.convert_ids_to_tokens(inputs["input_ids"][0]),
-        "target_tokens": tokenizer.convert_ids_to_tokens(decoder_inputs),
-        "encoder_self": [step[0].mean(dim=0) for step in outputs.encoder_attentions],
-        "decoder_self": [step[0].mean(dim=0) for step in outputs.decoder_attentions],
-        "cross": [step[0].mean(dim=0) for step in outputs.cross_attentions],
+        "source_tokens": tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist()),
+        "target_tokens": tokenizer.convert_ids_to_tokens(decoder_inputs.tolist()),
+        "encoder_self": [step[0].mean(dim=0).cpu() for step in outputs.encoder_attentions],
+        "decoder_self": [step[0].mean(dim=0).cpu() for step in outputs.decoder_attentions],
+        "cross": [step[0].mean(dim=0).cpu() for step in outputs.cross_attentions],
     }
 
 
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = parser.parse_args(argv)
     if args.output is None and args.attention_png is None:
         parser.error("give --output (the depth table) and/or --attention_png")
-    model, tokenizer = load_checkpoint(args.checkpoint)
+    model, tokenizer = load_checkpoint(args.checkpoint, args.device)
     sample = sample_from_args(args)
     written = []
     if args.output is not None:
