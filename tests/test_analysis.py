@@ -26,7 +26,7 @@ from hf_fusion.analysis import (
     nonlinearity,
     recurrence,
 )
-from hf_fusion.analysis.common import encode_sample, token_nll
+from hf_fusion.analysis.common import encode_sample, run_command, token_nll
 from hf_fusion.analysis.layer_masking import masked_encoder_layers
 from hf_fusion.analysis.nonlinearity import fit_linear_map, linearized_step, record_steps
 from hf_fusion.analysis.recurrence import with_depth
@@ -116,6 +116,19 @@ def test_token_nll_is_the_models_own_mean_loss_over_all_tokens(tokenizer) -> Non
     assert token_nll(model, batches) == pytest.approx(float(expected), rel=1e-5)
     # Split into batches, the per-token mean is still over the whole sample, not a mean of batch means.
     assert token_nll(model, encode_sample(model, tokenizer, _sample(), batch_size=4)) == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("module", [layer_masking, recurrence, nonlinearity, decoding_speed, embedding_similarity])
+def test_a_bad_output_is_refused_before_any_work_and_as_one_line(module, tmp_path: Path, monkeypatch, capsys) -> None:
+    argv = [str(tmp_path / "no-such-model"), "--corpus", "ding", "--output", str(tmp_path / "table.txt")]
+    if module is embedding_similarity:
+        argv = [str(tmp_path / "no-such-model"), "--output", str(tmp_path / "table.txt")]
+    with pytest.raises(ValueError, match=r"table.txt must end in one of .md, .json"):
+        module.main(argv)  # the missing model folder is never reached
+    monkeypatch.setattr(sys, "argv", ["prog", *argv])
+    with pytest.raises(SystemExit) as stop:
+        run_command(module.main)
+    assert str(stop.value).startswith("error: --output") and "\n" not in str(stop.value)
 
 
 # --- layer masking ---------------------------------------------------------------------------------

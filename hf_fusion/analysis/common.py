@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +146,18 @@ def _cell(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def check_table_path(output: str | os.PathLike) -> Path:
+    """``output`` as a path, refused before any work if it is not a ``.md`` / ``.json`` file.
+
+    Raises:
+        ValueError: naming the path and the allowed suffixes.
+    """
+    output = Path(output)
+    if output.suffix not in TABLE_SUFFIXES:
+        raise ValueError(f"--output {output} must end in one of {', '.join(TABLE_SUFFIXES)} (a table).")
+    return output
+
+
 def write_table(rows: Sequence[Mapping[str, Any]], output: str | os.PathLike, title: str, notes: str = "") -> Path:
     """Write ``rows`` (one dict per row, the same keys) as a Markdown table (``.md``) or as JSON
     (``.json``: ``{"title", "notes", "rows"}``), creating parent folders.
@@ -153,9 +165,7 @@ def write_table(rows: Sequence[Mapping[str, Any]], output: str | os.PathLike, ti
     Raises:
         ValueError: for another file suffix, or no rows.
     """
-    output = Path(output)
-    if output.suffix not in TABLE_SUFFIXES:
-        raise ValueError(f"--output {output} must end in one of {', '.join(TABLE_SUFFIXES)} (a table).")
+    output = check_table_path(output)
     if not rows:
         raise ValueError("There are no rows to write.")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +178,15 @@ def write_table(rows: Sequence[Mapping[str, Any]], output: str | os.PathLike, ti
     lines += ["| " + " | ".join(_cell(row[column]) for column in columns) + " |" for row in rows]
     output.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return output
+
+
+def run_command(main: Callable[[list[str] | None], Any]) -> None:
+    """Run an analysis' ``main`` as a command: input it refuses ends the process with the one-line
+    message (exit status 1), not a traceback."""
+    try:
+        main(None)
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def add_sample_arguments(parser: argparse.ArgumentParser, scoring: bool = True) -> None:

@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .common import add_sample_arguments, load_checkpoint, sample_from_args, write_table
+from .common import add_sample_arguments, check_table_path, load_checkpoint, run_command, sample_from_args, write_table
 from .recurrence import with_depth
 
 
@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--output", required=True, help="table to write (.md or .json)")
     add_sample_arguments(parser, scoring=False)
     args = parser.parse_args(argv)
+    check_table_path(args.output)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     decoders = []
@@ -169,4 +170,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -51,7 +51,7 @@ from training.corpora import (
     strip_ding_markup,
 )
 
-from .common import load_checkpoint, write_table
+from .common import check_table_path, load_checkpoint, run_command, write_table
 
 WordPair = tuple[str, str]
 
@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--reverse", action="store_true", help="swap the lexicon's columns (a German -> English model)")
     parser.add_argument("--output", required=True, help="table to write (.md or .json)")
     args = parser.parse_args(argv)
+    check_table_path(args.output)
     lexicon = read_tsv_lexicon(args.lexicon) if args.lexicon else ding_lexicon()
     if args.reverse:
         lexicon = [(target, source) for source, target in lexicon]
@@ -204,4 +205,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -34,7 +34,7 @@ from transformers import AutoModelForSeq2SeqLM, PreTrainedModel
 
 from ..modeling_encoder_fusion import collect_fusion_weights
 from ..visualization import draw_weight_panels
-from .common import TABLE_SUFFIXES, write_table
+from .common import TABLE_SUFFIXES, run_command, write_table
 
 MEMORY = "encoder_memory"  # the collect_fusion_weights key of the fused encoder memory
 
@@ -137,4 +137,4 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

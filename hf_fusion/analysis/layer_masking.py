@@ -33,7 +33,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from training.evaluate_file import TestSet
 
-from .common import add_sample_arguments, encode_sample, load_checkpoint, quality, sample_from_args, write_table
+from .common import (
+    add_sample_arguments,
+    check_table_path,
+    encode_sample,
+    load_checkpoint,
+    quality,
+    run_command,
+    sample_from_args,
+    write_table,
+)
 
 # encoder_memory -> the axis of the fusion weight W that indexes encoder layers (0 = X^0).
 LAYER_AXIS = {"transparent": 0, "fine_grained": 1}
@@ -131,6 +140,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--output", required=True, help="table to write (.md or .json)")
     add_sample_arguments(parser)
     args = parser.parse_args(argv)
+    check_table_path(args.output)
     model, tokenizer = load_checkpoint(args.checkpoint, args.device)
     sample = sample_from_args(args)
     rows = layer_masking_ablation(model, tokenizer, sample, args.layers, args.batch_size, args.max_length)
@@ -142,4 +152,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -47,9 +47,11 @@ from training.evaluate_file import TestSet
 
 from .common import (
     add_sample_arguments,
+    check_table_path,
     encode_sample,
     load_checkpoint,
     read_sample,
+    run_command,
     sample_from_args,
     token_nll,
     write_table,
@@ -225,6 +227,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if args.fit_split is not None and args.corpus is None:
         parser.error("--fit_split needs --corpus")
+    check_table_path(args.output)
     model, tokenizer = load_checkpoint(args.checkpoint, args.device)
     sample = sample_from_args(args)
     fit_sample = None if args.fit_split is None else read_sample(
@@ -240,4 +243,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -39,7 +39,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from training.evaluate_file import TestSet
 
-from .common import add_sample_arguments, encode_sample, load_checkpoint, quality, sample_from_args, write_table
+from .common import (
+    add_sample_arguments,
+    check_table_path,
+    encode_sample,
+    load_checkpoint,
+    quality,
+    run_command,
+    sample_from_args,
+    write_table,
+)
 
 STACK_CHOICES = ("both", "encoder", "decoder")
 MAP_TITLES = {"encoder_self": "encoder self-attn", "decoder_self": "decoder self-attn", "cross": "cross-attn"}
@@ -210,6 +219,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = parser.parse_args(argv)
     if args.output is None and args.attention_png is None:
         parser.error("give --output (the depth table) and/or --attention_png")
+    if args.output is not None:
+        check_table_path(args.output)
     model, tokenizer = load_checkpoint(args.checkpoint, args.device)
     sample = sample_from_args(args)
     written = []
@@ -232,4 +243,4 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)
