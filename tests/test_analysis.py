@@ -216,6 +216,7 @@ def test_layer_masking_entry_writes_the_ablation_table(tokenizer, data_files, tm
     assert rows[0]["loss"] == pytest.approx(token_nll(model, batches), rel=1e-5)
     with masked_encoder_layers(model, [0]):
         assert rows[1]["loss"] == pytest.approx(token_nll(model, batches), rel=1e-5)
+    assert rows[1]["loss"] != pytest.approx(rows[0]["loss"], abs=1e-4)  # the mask was on while scoring
     assert rows[1]["delta_loss"] == pytest.approx(rows[1]["loss"] - rows[0]["loss"])
     assert all(0.0 <= row["chrf"] <= 100.0 for row in rows)
 
