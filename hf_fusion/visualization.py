@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ def _tick_labels(count: int) -> list[str]:
     return ["emb"] + [str(layer) for layer in range(1, count)]
 
 
-def _draw_panel(figure: Figure, axes, key: str, weights: torch.Tensor) -> None:
+def _draw_panel(figure: Figure, axes, key: str, weights: torch.Tensor, title: str) -> None:
     values = weights.cpu().numpy()
     rows, cols = values.shape
     if key == "encoder_memory":
@@ -67,7 +68,7 @@ def _draw_panel(figure: Figure, axes, key: str, weights: torch.Tensor) -> None:
         axes.set_ylabel("combination (layer input)")
         axes.set_xlabel("layer output")
     axes.set_xticks(range(cols), _tick_labels(cols))
-    axes.set_title(PANEL_TITLES.get(key, key))
+    axes.set_title(title)
     if cols <= ANNOTATE_MAX_COLUMNS:
         for row in range(rows):
             for col in range(cols):
@@ -107,10 +108,28 @@ def plot_fusion_weights(
             "'transparent', 'fine_grained' or 'dlcl'), or a config with encoder_memory in "
             "('transparent', 'fine_grained') or depth_connection = 'dlcl'."
         )
-    figure = Figure(figsize=(5.0 * len(weights), 4.2), layout="constrained")
+    return draw_weight_panels([(key, PANEL_TITLES.get(key, key), value) for key, value in weights.items()], output_path, dpi)
+
+
+def draw_weight_panels(
+    panels: Sequence[tuple[str, str, torch.Tensor]], output_path: str | os.PathLike, dpi: int = 150
+) -> Path:
+    """Write heatmaps of layer weights side by side to a PNG file.
+
+    Args:
+        panels: ``(seam key, title, weights)`` per panel; the key (as in
+            :func:`~hf_fusion.modeling_encoder_fusion.collect_fusion_weights`) picks the layout:
+            ``"encoder_memory"`` draws decoder layer x encoder layer, the DLCL keys the triangle.
+        output_path: Where to write the PNG (parent folders are created).
+        dpi: Resolution of the image.
+
+    Returns:
+        The path of the written PNG.
+    """
+    figure = Figure(figsize=(5.0 * len(panels), 4.2), layout="constrained")
     FigureCanvasAgg(figure)
-    for axes, (key, value) in zip(figure.subplots(1, len(weights), squeeze=False)[0], weights.items()):
-        _draw_panel(figure, axes, key, value)
+    for axes, (key, title, value) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+        _draw_panel(figure, axes, key, value, title)
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(output_path, dpi=dpi, format="png")

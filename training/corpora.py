@@ -162,10 +162,14 @@ _DING_NOT_A_SENTENCE = re.compile(r"[/()…]|\.\.\.|\b(?:sth|sb|etw|jdn|jdm|jds|
 _SENTENCE_START = re.compile(r"^[\"'‘“„]?[A-ZÄÖÜ0-9]")
 
 
+def strip_ding_markup(text: str) -> str:
+    """Ding text without its tags (``{f}``, ``[coll.]``, ``/IYKWIM/``), with single spaces."""
+    return " ".join(_DING_TAG.sub("", text).split())
+
+
 def _ding_side(text: str) -> str:
     """First ``;`` alternative of one Ding sub-entry, without tags, with single spaces."""
-    first = text.split("; ", 1)[0]
-    return " ".join(_DING_TAG.sub("", first).split())
+    return strip_ding_markup(text.split("; ", 1)[0])
 
 
 def _is_ding_sentence(text: str) -> bool:
@@ -180,10 +184,28 @@ def _is_ding_sentence(text: str) -> bool:
 def read_ding_pairs(path: Path) -> Iterator[tuple[str, str]]:
     """English -> German example sentences from a Ding dictionary file (``usr/share/trans/de-en``).
 
+    Of each sub-entry pair (:func:`ding_sub_entries`) only real sentences are kept: at least 4
+    words, sentence-final punctuation and a capital (or digit) first letter on both sides, no
+    dictionary patterns (see ``_DING_NOT_A_SENTENCE``).
+    """
+    for german_entry, english_entry in ding_sub_entries(path):
+        # Cheap rejection first: most sub-entries are words or phrases without a full stop.
+        if "." not in english_entry and "!" not in english_entry and "?" not in english_entry:
+            continue
+        source = _ding_side(english_entry)
+        if not _is_ding_sentence(source):
+            continue
+        target = _ding_side(german_entry)
+        if source != target and _is_ding_sentence(target):
+            yield source, target
+
+
+def ding_sub_entries(path: str | os.PathLike) -> Iterator[tuple[str, str]]:
+    """(German, English) sub-entry pairs of a Ding dictionary file, in file order, markup kept.
+
     Lines read ``German | sub-entry :: English | sub-entry``; sub-entries pair up only when both
-    sides have the same number of them. Of each sub-entry pair only real sentences are kept: at
-    least 4 words, sentence-final punctuation and a capital (or digit) first letter on both sides,
-    no dictionary patterns (see ``_DING_NOT_A_SENTENCE``).
+    sides have the same number of them (otherwise the line is skipped). Comment lines start with
+    ``#``.
     """
     with open(path, encoding="utf-8") as handle:
         for line in handle:
@@ -191,18 +213,8 @@ def read_ding_pairs(path: Path) -> Iterator[tuple[str, str]]:
                 continue
             german, english = line.rstrip("\n").split(" :: ", 1)
             german_entries, english_entries = german.split(" | "), english.split(" | ")
-            if len(german_entries) != len(english_entries):
-                continue
-            for german_entry, english_entry in zip(german_entries, english_entries):
-                # Cheap rejection first: most sub-entries are words or phrases without a full stop.
-                if "." not in english_entry and "!" not in english_entry and "?" not in english_entry:
-                    continue
-                source = _ding_side(english_entry)
-                if not _is_ding_sentence(source):
-                    continue
-                target = _ding_side(german_entry)
-                if source != target and _is_ding_sentence(target):
-                    yield source, target
+            if len(german_entries) == len(english_entries):
+                yield from zip(german_entries, english_entries)
 
 
 # HTML elements without an end tag: they must not change the nesting depth.
