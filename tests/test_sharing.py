@@ -36,6 +36,7 @@ PLANS = {
     ("cycle", 6, 4): (0, 1, 2, 3, 0, 1),
     ("cycle_rev", 6, 4): (0, 1, 2, 3, 3, 2),  # the paper's rule: cycle M * (ceil(N/M) - 1) steps, then reverse
     ("cycle_rev", 7, 3): (0, 1, 2, 0, 1, 2, 2),
+    ("sequence", 7, 3): (0, 0, 0, 1, 1, 1, 2),  # runs of ceil(N / M) when M does not divide N
     ("cycle_rev", 4, 4): (3, 2, 1, 0),
     ("sequence", 12, 6): (0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5),
     ("cycle", 12, 6): (0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5),
