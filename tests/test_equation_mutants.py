@@ -22,6 +22,7 @@ mistake that is not equivalent, the temperature dividing instead of multiplying.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import unittest
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 import hf_fusion.heads
+import hf_fusion.layers
 import hf_fusion.sharing
 import hf_fusion.surface_fusion
 import hf_fusion.transfer
@@ -74,7 +76,7 @@ def patch_everywhere(monkeypatch: pytest.MonkeyPatch, name: str, value: object, 
         monkeypatch.setattr(module, name, value)
 
 
-# --- heads.py: label-smoothed cross-entropy ------------------------------------------------------
+# --- heads.py: label-smoothed cross-entropy -------------------------------------------------------
 
 
 def wrong_log_prob_nll(mistake: str) -> Callable[..., torch.Tensor]:
@@ -98,7 +100,9 @@ def wrong_log_prob_nll(mistake: str) -> Callable[..., torch.Tensor]:
     return log_prob_nll
 
 
-@pytest.mark.parametrize("mistake", ["smoothing_summed_over_vocab", "ignored_positions_counted", "accumulation_ignored"])
+@pytest.mark.parametrize(
+    "mistake", ["smoothing_summed_over_vocab", "ignored_positions_counted", "accumulation_ignored"]
+)
 def test_label_smoothed_loss_check_rejects(monkeypatch, mistake: str) -> None:
     """Guards tests/test_core.py::test_loss_matches_independent_cross_entropy_with_label_smoothing_and_item_count."""
     monkeypatch.setattr(hf_fusion.heads, "log_prob_nll", wrong_log_prob_nll(mistake))
@@ -106,7 +110,20 @@ def test_label_smoothed_loss_check_rejects(monkeypatch, mistake: str) -> None:
         core_tests.test_loss_matches_independent_cross_entropy_with_label_smoothing_and_item_count()
 
 
-# --- sharing.py: execution plans -----------------------------------------------------------------
+def test_eager_attention_check_rejects_the_unscaled_scores(monkeypatch) -> None:
+    """Guards tests/test_core.py::test_eager_and_sdpa_agree_and_eager_returns_attention_weights:
+    an eager kernel that forgets the 1 / sqrt(head_dim) scaling no longer agrees with SDPA."""
+    original = hf_fusion.layers.eager_attention_forward
+
+    def unscaled(module, query, key, value, attention_mask, scaling, **kwargs):
+        return original(module, query, key, value, attention_mask, 1.0, **kwargs)
+
+    monkeypatch.setattr(hf_fusion.layers, "eager_attention_forward", unscaled)
+    with pytest.raises(AssertionError, match=NOT_CLOSE):
+        core_tests.test_eager_and_sdpa_agree_and_eager_returns_attention_weights()
+
+
+# --- sharing.py: execution plans ------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -159,7 +176,9 @@ def test_transfer_mean_check_rejects(monkeypatch, teacher) -> None:
         sharing_tests.test_transfer_mean_follows_each_schedule(teacher)
 
 
-@pytest.mark.parametrize(("strategy", "unique", "block_of_step"), [("recurrent", None, lambda step: 0), ("cycle", 2, lambda step: step % 2)])
+@pytest.mark.parametrize(
+    ("strategy", "unique", "block_of_step"), [("recurrent", None, lambda step: 0), ("cycle", 2, lambda step: step % 2)]
+)
 def test_cached_decoding_check_rejects_one_cache_slot_per_block(monkeypatch, strategy, unique, block_of_step) -> None:
     """Guards tests/test_sharing.py::test_cached_decoding_matches_full_recomputation: the decoder
     layer writes the cache slot of its parameter block instead of its depth step, so two steps
@@ -193,7 +212,7 @@ def test_shared_gradient_check_rejects_the_gradient_averaged_over_uses(monkeypat
         sharing_tests.test_shared_gradient_is_sum_over_steps(dict(TINY), "recurrent", None, False)
 
 
-# --- caches and positions: the cached-decoding check and the generation contract -----------------------------------------------
+# --- caches and positions: the cached-decoding checks and the generation contract -----------------
 
 
 def generation_contract() -> GenerationContractMixin:
@@ -231,7 +250,9 @@ def positions_without_the_past_offset(monkeypatch: pytest.MonkeyPatch) -> None:
     for positions in (LearnedPositionalEmbedding, SinusoidalPositionalEmbedding):
         original = positions.forward
         monkeypatch.setattr(
-            positions, "forward", lambda self, seq_len, past_len=0, side="input", original=original: original(self, seq_len, 0, side)
+            positions,
+            "forward",
+            lambda self, seq_len, past_len=0, side="input", original=original: original(self, seq_len, 0, side),
         )
 
 
@@ -243,6 +264,26 @@ def test_cached_decoding_check_rejects(monkeypatch, mutate, overrides: dict) -> 
     mutate(monkeypatch)
     with pytest.raises(AssertionError, match=NOT_CLOSE):
         core_tests.test_cached_decoding_equals_full_recomputation(overrides)
+
+
+# Generation tests that compared tokens only, now also step logits or scores (a tiny model repeats
+# one token, so tokens alone agreed with both mistakes above).
+DECODING_CHECKS = {
+    "core_greedy": core_tests.test_generate_greedy_beam_and_sampling,
+    "sharing_beam": lambda: sharing_tests.test_beam_search_with_cache_equals_without(dict(TINY), "recurrent", None),
+    "surface_fusion_greedy": surface_tests.test_greedy_generate_equals_stepwise_argmax_of_the_mixture,
+}
+
+
+@pytest.mark.parametrize("mutate", [drop_the_oldest_cached_step, positions_without_the_past_offset])
+@pytest.mark.parametrize("check", list(DECODING_CHECKS))
+def test_decoding_checks_reject(monkeypatch, mutate, check: str) -> None:
+    """Guards tests/test_core.py::test_generate_greedy_beam_and_sampling,
+    tests/test_sharing.py::test_beam_search_with_cache_equals_without and
+    tests/test_surface_fusion.py::test_greedy_generate_equals_stepwise_argmax_of_the_mixture."""
+    mutate(monkeypatch)
+    with pytest.raises(AssertionError, match=NOT_CLOSE):
+        DECODING_CHECKS[check]()
 
 
 @pytest.mark.parametrize("mutate", [drop_the_oldest_cached_step, positions_without_the_past_offset])
@@ -257,7 +298,7 @@ def test_generation_contract_rejects(monkeypatch, mutate) -> None:
         generation_contract()._check_generate("greedy", do_sample=False, num_beams=1)
 
 
-# --- EncoderFusion: DLCL, transparent attention, fine-grained layer attention ----------------------
+# --- EncoderFusion: DLCL, transparent attention, fine-grained layer attention ---------------------
 
 
 def dlcl_normalising_after(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -320,6 +361,21 @@ def test_fusion_weights_check_rejects_the_softmax_over_decoder_steps(monkeypatch
         fusion_tests.test_fusion_weights_shapes_and_normalisation("transparent")
 
 
+def test_added_parameter_count_check_rejects_fusion_weights_per_block(monkeypatch) -> None:
+    """Guards tests/test_encoder_fusion.py::test_added_parameter_count: under sharing the
+    transparent weights keep one column per decoder *step*, not one per parameter block."""
+    original = TransparentAttentionMemory.__init__
+
+    def __init__(self, config):
+        per_block = copy.copy(config)
+        per_block.decoder_layers = config.decoder_unique_layers
+        original(self, per_block)
+
+    monkeypatch.setattr(TransparentAttentionMemory, "__init__", __init__)
+    with pytest.raises(AssertionError):
+        fusion_tests.test_added_parameter_count("transparent", "recurrent")
+
+
 def wrong_fine_grained_forward(mistake: str) -> Callable[..., torch.Tensor]:
     """Fine-grained layer attention (evaluation mode) with the softmax over the dimensions instead
     of the layers, X^0 taken with positions (the embedding layer output), or no LayerNorm."""
@@ -344,7 +400,7 @@ def test_fine_grained_memory_check_rejects(monkeypatch, mistake: str) -> None:
         fusion_tests.test_fine_grained_memory_is_per_dimension_layer_attention({})
 
 
-# --- SurfaceFusion ---------------------------------------------------------------------------------
+# --- SurfaceFusion --------------------------------------------------------------------------------
 
 
 def wrong_fuse(mistake: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -382,9 +438,25 @@ def test_surface_fusion_check_rejects_wrong_fusion(monkeypatch, mistake: str, va
 def test_surface_fusion_check_rejects_the_query_after_the_final_layer_norm(monkeypatch) -> None:
     """Guards the same test's pre-norm variant: the query must be the top state before the
     decoder's final LayerNorm, not the normalised decoder output."""
-    monkeypatch.setattr(SurfaceFusionHead, "query_states", lambda self, decoder_hidden_states, context: decoder_hidden_states)
+    monkeypatch.setattr(
+        SurfaceFusionHead, "query_states", lambda self, decoder_hidden_states, context: decoder_hidden_states
+    )
     with pytest.raises(AssertionError, match=NOT_CLOSE):
         surface_tests.test_fused_log_probs_match_an_independent_recomputation("prenorm_hard_learned_gate")
+
+
+def test_lambda_one_check_rejects_the_target_path_reading_the_query(monkeypatch) -> None:
+    """Guards tests/test_surface_fusion.py::test_hard_fusion_with_lambda_one_is_the_plain_decoder:
+    the target path reads the decoder output (after the final LayerNorm), not the query's
+    un-normalised top state."""
+    original = SurfaceFusionHead.forward
+
+    def forward(self, project, decoder_hidden_states, context):
+        return original(self, project, context.decoder_top_layer_state, context)
+
+    monkeypatch.setattr(SurfaceFusionHead, "forward", forward)
+    with pytest.raises(AssertionError, match=NOT_CLOSE):
+        surface_tests.test_hard_fusion_with_lambda_one_is_the_plain_decoder()
 
 
 def test_surface_fusion_loss_check_rejects_cross_entropy_of_the_renormalised_mixture(monkeypatch) -> None:
@@ -417,13 +489,15 @@ def test_official_beam_scores_check_rejects_a_sign_error(monkeypatch) -> None:
     """Guards tests/test_surface_fusion.py::test_unnormalised_beam_scores_are_the_official_sums_of_log_p:
     the processor must add log Z back to the renormalised scores, not subtract it once more."""
     monkeypatch.setattr(
-        UnnormalisedBeamScores, "__call__", lambda self, input_ids, scores: scores - self.head.last_log_normaliser[:, None]
+        UnnormalisedBeamScores,
+        "__call__",
+        lambda self, input_ids, scores: scores - self.head.last_log_normaliser[:, None],
     )
     with pytest.raises(AssertionError, match=NOT_CLOSE):
         surface_tests.test_unnormalised_beam_scores_are_the_official_sums_of_log_p()
 
 
-# --- depth-wise LSTM --------------------------------------------------------------------------
+# --- depth-wise LSTM ------------------------------------------------------------------------------
 
 
 def wrong_cell_forward(mistake: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
@@ -457,7 +531,7 @@ def test_hidden_states_check_rejects_exposing_the_cell_state(monkeypatch) -> Non
         dlstm_tests.test_hidden_states_expose_h()
 
 
-# --- E2S2: contrastive, denoising and corruption ---------------------------------------------------
+# --- E2S2: contrastive, denoising and corruption --------------------------------------------------
 
 
 def nt_xent_one_sided(first, second, temperature=1.0):
@@ -504,13 +578,21 @@ original_nt_xent_loss = training.e2s2.model.nt_xent_loss
         ("denoising_loss", denoising_with_padding_as_original),
         ("masked_mean_pool", mean_pool_over_padding),
     ],
-    ids=["nt_xent_one_sided", "nt_xent_tau_multiplies", "nt_xent_self_pair", "denoising_padding_as_original", "pool_over_padding"],
+    ids=[
+        "nt_xent_one_sided",
+        "nt_xent_tau_multiplies",
+        "nt_xent_self_pair",
+        "denoising_padding_as_original",
+        "pool_over_padding",
+    ],
 )
 def test_e2s2_loss_check_rejects(monkeypatch, name: str, wrong) -> None:
     """Guards tests/test_e2s2.py::test_every_loss_term_matches_an_independent_computation."""
     monkeypatch.setattr(training.e2s2.model, name, wrong)
     with pytest.raises(AssertionError):
-        e2s2_tests.test_every_loss_term_matches_an_independent_computation("fusion_transformer", e2s2_tests.build_tokenizer())
+        e2s2_tests.test_every_loss_term_matches_an_independent_computation(
+            "fusion_transformer", e2s2_tests.build_tokenizer()
+        )
 
 
 def test_two_class_denoising_check_rejects_dropping_the_wrong_class(monkeypatch) -> None:
@@ -541,7 +623,9 @@ def token_masking(content, rng, mask_ratio, poisson_lambda, mask_token_id, max_l
     return view
 
 
-@pytest.mark.parametrize(("name", "wrong"), [("replace_randomly", replace_possibly_by_itself), ("poisson_span_mask", token_masking)])
+@pytest.mark.parametrize(
+    ("name", "wrong"), [("replace_randomly", replace_possibly_by_itself), ("poisson_span_mask", token_masking)]
+)
 def test_corruption_check_rejects(monkeypatch, name: str, wrong) -> None:
     """Guards tests/test_e2s2.py::test_collator_views_are_consistent_over_many_texts."""
     monkeypatch.setattr(training.e2s2.collator, name, wrong)
@@ -549,7 +633,7 @@ def test_corruption_check_rejects(monkeypatch, name: str, wrong) -> None:
         e2s2_tests.test_collator_views_are_consistent_over_many_texts(e2s2_tests.build_tokenizer())
 
 
-# --- word-level knowledge distillation -------------------------------------------------------------
+# --- word-level knowledge distillation ------------------------------------------------------------
 
 
 def kd_mean_over_vocabulary(student_logits, teacher_logits, labels, temperature=1.0, num_items_in_batch=None):
@@ -570,7 +654,10 @@ original_kd_loss = training.distill.word_level_kd_loss
 
 @pytest.mark.parametrize(
     "wrong",
-    [pytest.param(kd_mean_over_vocabulary, marks=pytest.mark.filterwarnings("ignore:reduction:UserWarning")), kd_reversed],
+    [
+        pytest.param(kd_mean_over_vocabulary, marks=pytest.mark.filterwarnings("ignore:reduction:UserWarning")),
+        kd_reversed,
+    ],
 )
 def test_word_level_kd_check_rejects(monkeypatch, wrong) -> None:
     """Guards tests/test_distill.py::test_word_level_kd_loss_matches_token_by_token_kl."""
@@ -584,7 +671,9 @@ def test_kd_trainer_check_rejects_the_loss_without_t_squared(monkeypatch, tmp_pa
     term without Hinton's T^2 (here: the KL handed to the trainer divided by T^2)."""
 
     def without_t_squared(student_logits, teacher_logits, labels, temperature=1.0, num_items_in_batch=None):
-        return original_kd_loss(student_logits, teacher_logits, labels, temperature, num_items_in_batch) / temperature**2
+        return (
+            original_kd_loss(student_logits, teacher_logits, labels, temperature, num_items_in_batch) / temperature**2
+        )
 
     monkeypatch.setattr(training.distill, "word_level_kd_loss", without_t_squared)
     with pytest.raises(AssertionError, match=NOT_CLOSE):
