@@ -459,6 +459,21 @@ def test_lambda_one_check_rejects_the_target_path_reading_the_query(monkeypatch)
         surface_tests.test_hard_fusion_with_lambda_one_is_the_plain_decoder()
 
 
+def test_parameter_overhead_check_rejects_a_gate_with_a_bias(monkeypatch) -> None:
+    """Guards tests/test_surface_fusion.py::test_parameter_overhead: the learned gate is a
+    bias-free Linear(2 d, 1), as in the reference code."""
+    original = SurfaceFusionHead.__init__
+
+    def __init__(self, config):
+        original(self, config)
+        if self.gate is not None:
+            self.gate = nn.Linear(2 * config.d_model, 1)
+
+    monkeypatch.setattr(SurfaceFusionHead, "__init__", __init__)
+    with pytest.raises(AssertionError):
+        surface_tests.test_parameter_overhead(True, True)
+
+
 def test_surface_fusion_loss_check_rejects_cross_entropy_of_the_renormalised_mixture(monkeypatch) -> None:
     """Guards tests/test_surface_fusion.py::test_loss_is_the_papers: the hard loss is the
     label-smoothed NLL of the unnormalised log P, not the cross-entropy of its renormalisation
@@ -633,6 +648,21 @@ def test_corruption_check_rejects(monkeypatch, name: str, wrong) -> None:
         e2s2_tests.test_collator_views_are_consistent_over_many_texts(e2s2_tests.build_tokenizer())
 
 
+def test_span_length_check_rejects_token_masking(monkeypatch) -> None:
+    """Guards tests/test_e2s2.py::test_span_lengths_follow_poisson: one mask per masked token
+    gives a mean span length of 1, not lambda = 3."""
+    patch_everywhere(monkeypatch, "poisson_span_mask", token_masking, training.e2s2.collator, e2s2_tests)
+    with pytest.raises(AssertionError):
+        e2s2_tests.test_span_lengths_follow_poisson()
+
+
+def test_pooling_check_rejects_the_mean_over_padding(monkeypatch) -> None:
+    """Guards tests/test_e2s2.py::test_padding_does_not_change_the_pooled_vector."""
+    patch_everywhere(monkeypatch, "masked_mean_pool", mean_pool_over_padding, training.e2s2.model, e2s2_tests)
+    with pytest.raises(AssertionError, match=NOT_CLOSE):
+        e2s2_tests.test_padding_does_not_change_the_pooled_vector(e2s2_tests.build_tokenizer())
+
+
 # --- word-level knowledge distillation ------------------------------------------------------------
 
 
@@ -642,6 +672,11 @@ def kd_mean_over_vocabulary(student_logits, teacher_logits, labels, temperature=
     student = nn.functional.log_softmax(student_logits[mask].float() / temperature, dim=-1)
     teacher = nn.functional.log_softmax(teacher_logits[mask].float() / temperature, dim=-1)
     return nn.functional.kl_div(student, teacher, log_target=True, reduction="mean")
+
+
+def kd_ignoring_accumulation(student_logits, teacher_logits, labels, temperature=1.0, num_items_in_batch=None):
+    """The KL divided by this batch's token count even under gradient accumulation."""
+    return original_kd_loss(student_logits, teacher_logits, labels, temperature)
 
 
 def kd_reversed(student_logits, teacher_logits, labels, temperature=1.0, num_items_in_batch=None):
@@ -657,6 +692,7 @@ original_kd_loss = training.distill.word_level_kd_loss
     [
         pytest.param(kd_mean_over_vocabulary, marks=pytest.mark.filterwarnings("ignore:reduction:UserWarning")),
         kd_reversed,
+        kd_ignoring_accumulation,
     ],
 )
 def test_word_level_kd_check_rejects(monkeypatch, wrong) -> None:
