@@ -76,7 +76,7 @@ def patch_everywhere(monkeypatch: pytest.MonkeyPatch, name: str, value: object, 
         monkeypatch.setattr(module, name, value)
 
 
-# --- heads.py: label-smoothed cross-entropy -------------------------------------------------------
+# --- the core: label-smoothed cross-entropy (heads.py), attention kernels -------------------------
 
 
 def wrong_log_prob_nll(mistake: str) -> Callable[..., torch.Tensor]:
@@ -135,7 +135,8 @@ def fresh_plans():
 
 
 def cycle_rev_reversing_the_last_m(num_steps: int, num_blocks: int) -> tuple[int, ...]:
-    """The rule the project used before issue 13: cycle, then reverse the *last M* steps."""
+    """The rule used before the paper's was adopted (hf_fusion/sharing.py): cycle, then reverse the
+    *last M* steps."""
     head = num_steps - num_blocks
     return tuple(step_idx % num_blocks for step_idx in range(head)) + tuple(reversed(range(num_blocks)))
 
@@ -150,8 +151,8 @@ def sequence_proportional(num_steps: int, num_blocks: int) -> tuple[int, ...]:
     [("cycle_rev", cycle_rev_reversing_the_last_m, 6, 4), ("sequence", sequence_proportional, 7, 3)],
 )
 def test_execution_plan_check_rejects(monkeypatch, fresh_plans, strategy: str, wrong, depth: int, blocks: int) -> None:
-    """Guards tests/test_sharing.py::test_execution_plan_matches_definition (the cycle_rev rule of
-    issue 13; the sequence case needs M not dividing N, the table's (7, 3) entry)."""
+    """Guards tests/test_sharing.py::test_execution_plan_matches_definition (the paper's cycle_rev
+    rule; the sequence case needs M not dividing N, the table's (7, 3) entry)."""
     monkeypatch.setitem(hf_fusion.sharing.EXECUTION_PLANS, strategy, wrong)
     with pytest.raises(AssertionError):
         sharing_tests.test_execution_plan_matches_definition(strategy, depth, blocks)
