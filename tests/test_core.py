@@ -212,19 +212,33 @@ def test_generate_greedy_beam_and_sampling():
     model = tiny_model()
     batch = random_batch()
     kwargs = dict(attention_mask=batch["attention_mask"], max_new_tokens=5)
-    greedy = model.generate(batch["input_ids"], do_sample=False, **kwargs)
+    # min_new_tokens: without it the tiny model ends every greedy row after one token (EOS), and
+    # nothing below would involve the cache or a position beyond 0.
+    greedy_out = model.generate(
+        batch["input_ids"], do_sample=False, min_new_tokens=5, return_dict_in_generate=True, output_logits=True,
+        **kwargs,
+    )  # fmt: skip
+    greedy = greedy_out.sequences
     beam = model.generate(batch["input_ids"], num_beams=3, do_sample=False, **kwargs)
     sampled = model.generate(batch["input_ids"], do_sample=True, top_k=5, **kwargs)
     for out in (greedy, beam, sampled):
         assert out.shape[0] == 3 and out.shape[1] <= 6
-    # Greedy decoding is the step-wise argmax of full (uncached) recomputation.
+    # Greedy decoding is the step-wise argmax (EOS excluded, as min_new_tokens does) of full
+    # (uncached) recomputation.
     prefix = greedy[:, :1]
     with torch.no_grad():
         for _ in range(greedy.shape[1] - 1):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=prefix).logits
+            logits[:, -1, model.config.eos_token_id] = float("-inf")
             prefix = torch.cat([prefix, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    finished = (greedy == model.config.eos_token_id).cumsum(1) > 0
-    assert torch.equal(greedy[~finished], prefix[~finished])
+    assert torch.equal(greedy, prefix) and greedy.shape[1] == 6
+    # And its step logits are those of a teacher-forced forward: the tiny model repeats one token,
+    # so equal tokens alone do not show that the cache and the positions are right.
+    with torch.no_grad():
+        forced = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=greedy[:, :-1]
+        ).logits
+    torch.testing.assert_close(torch.stack(greedy_out.logits, dim=1), forced, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.slow

@@ -384,17 +384,20 @@ def test_greedy_generate_equals_stepwise_argmax_of_the_mixture() -> None:
     batch = random_batch()
     steps = 6
     with torch.no_grad():
-        generated = model.generate(
+        out = model.generate(
             batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False, num_beams=1,
-            max_new_tokens=steps,
+            max_new_tokens=steps, return_dict_in_generate=True, output_logits=True,
         )
+        generated = out.sequences
         prefix = torch.full((3, 1), model.config.decoder_start_token_id)
         finished = torch.zeros(3, dtype=torch.bool)
+        step_log_probs = []
         for _ in range(steps):
             log_probs = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=prefix,
                 use_cache=False,
             ).logits[:, -1]
+            step_log_probs.append(log_probs)
             token = log_probs.argmax(-1).masked_fill(finished, model.config.pad_token_id)
             finished |= token == model.config.eos_token_id
             prefix = torch.cat([prefix, token[:, None]], dim=1)
@@ -402,6 +405,9 @@ def test_greedy_generate_equals_stepwise_argmax_of_the_mixture() -> None:
                 break
     assert torch.equal(generated, prefix)
     assert len(set(map(tuple, generated.tolist()))) > 1  # the rows differ: the comparison is informative
+    # The step log P too: the argmax alone agrees with a cache that drops a step or positions that
+    # forget the prefix (the source distribution decides most tokens).
+    torch.testing.assert_close(torch.stack(out.logits, 1), torch.stack(step_log_probs, 1), atol=1e-5, rtol=1e-4)
 
 
 def test_beam_search_scores_are_the_renormalised_mixture_and_match_uncached() -> None:
