@@ -100,6 +100,31 @@ def test_paired_bootstrap_matches_an_independent_resampling(tmp_path):
     assert reported["p_value"] < 0.05  # 1 in 3 vs 1 in 5 truncated sentences: a real difference
 
 
+# --- per-cell measurements --------------------------------------------------------------------------
+def test_test_nll_is_the_unsmoothed_token_cross_entropy():
+    """Over length-bucketed batches, the NLL equals the model's own unsmoothed loss over one
+    batch of every pair (padding excluded either way), and the FLOP count grows with the batch."""
+    import torch
+
+    from training.batching import PairCollator
+    from training.compare.measure import flops_per_step, test_nll
+
+    from .cli_helpers import random_pairs
+    from .helpers import build_tiny
+
+    model = build_tiny(label_smoothing=0.0).eval()
+    pairs = random_pairs([(5, 4), (7, 3), (3, 6), (9, 8), (4, 4)])
+    tokenizer = type("Tokenizer", (), {"pad_token_id": model.config.pad_token_id})()
+    settings = {"max_tokens_per_batch": 16, "per_device_train_batch_size": 2}
+    with torch.no_grad():
+        everything = PairCollator(model.config.pad_token_id)([pairs[index] for index in range(len(pairs))])
+        expected = float(model(**everything).loss)
+    assert test_nll(model, tokenizer, pairs, settings) == pytest.approx(expected, rel=1e-5)
+    small = flops_per_step(model, tokenizer, pairs, settings)
+    large = flops_per_step(model, tokenizer, pairs, {"max_tokens_per_batch": 64, "per_device_train_batch_size": 5})
+    assert 0 < small < large
+
+
 # --- the grid file and the cell identity -------------------------------------------------------
 def _write_grid(tmp_path: Path, **changes) -> Path:
     spec = {

@@ -51,11 +51,20 @@ def _batches(pairs: Any, settings: dict[str, Any]) -> list[list[int]]:
     ).batches
 
 
-def test_nll(folder: Path, corpus: str, settings: dict[str, Any]) -> tuple[float, int]:
-    """(mean NLL per target token on the test split, number of parameters) of a saved model."""
+def measure_model(folder: Path, corpus: str, settings: dict[str, Any]) -> dict[str, float | int]:
+    """The saved model's test NLL, parameter count and FLOPs per step (one load, one tokenization)."""
+    model, tokenizer, pairs = _test_pairs(folder, corpus, settings)
+    return {
+        "nll": test_nll(model, tokenizer, pairs, settings),
+        "parameters": int(model.num_parameters()),
+        "flops_per_step": flops_per_step(model, tokenizer, pairs, settings),
+    }
+
+
+def test_nll(model: Any, tokenizer: Any, pairs: Any, settings: dict[str, Any]) -> float:
+    """Mean NLL per target token of ``pairs`` (see the module docstring)."""
     from ..batching import LABEL_PAD, PairCollator
 
-    model, tokenizer, pairs = _test_pairs(folder, corpus, settings)
     model.eval()
     collate = PairCollator(tokenizer.pad_token_id)
     total, tokens = 0.0, 0
@@ -69,16 +78,15 @@ def test_nll(folder: Path, corpus: str, settings: dict[str, Any]) -> tuple[float
             picked = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             total -= float(picked[mask].sum())
             tokens += int(mask.sum())
-    return total / max(tokens, 1), int(model.num_parameters())
+    return total / max(tokens, 1)
 
 
-def flops_per_step(folder: Path, corpus: str, settings: dict[str, Any]) -> int:
+def flops_per_step(model: Any, tokenizer: Any, pairs: Any, settings: dict[str, Any]) -> int:
     """FLOPs of one forward + backward on the median training-shaped batch (see the module docstring)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from ..batching import PairCollator
 
-    model, tokenizer, pairs = _test_pairs(folder, corpus, settings)
     model.train()
     batches = _batches(pairs, settings)
     sizes = [len(batch) * int(max(pairs.source_lengths[batch].max(), pairs.target_lengths[batch].max())) for batch in batches]

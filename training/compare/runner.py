@@ -219,7 +219,7 @@ def run_cell(grid: Grid, cell: Cell, digest: str, work_dir: Path, results_dir: P
 def measure_cell(grid: Grid, cell: Cell, digest: str, run_dir: Path, results_dir: Path) -> dict[str, Any]:
     """The record of a trained cell: its scores, test NLL, size, compute and curves."""
     from ..pipeline import RESULTS_FILE, checkpoint_folders
-    from .measure import flops_per_step, test_nll
+    from .measure import measure_model
 
     results = json.loads((run_dir / RESULTS_FILE).read_text())
     final = run_dir / "final"
@@ -227,9 +227,8 @@ def measure_cell(grid: Grid, cell: Cell, digest: str, run_dir: Path, results_dir
     target = results_dir / PREDICTIONS_DIR / f"{cell.slug}.txt"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text("".join(line + "\n" for line in predictions), encoding="utf-8")
-    settings = measurement_settings(grid, cell)
-    nll, parameters = test_nll(final, cell.corpus, settings)
-    per_step = flops_per_step(final, cell.corpus, settings)
+    measured = measure_model(final, cell.corpus, measurement_settings(grid, cell))
+    per_step = measured["flops_per_step"]
     states = [folder / "trainer_state.json" for folder in checkpoint_folders(run_dir)]
     history = json.loads(states[0].read_text())["log_history"] if states and states[0].is_file() else []
     curves = [
@@ -241,9 +240,9 @@ def measure_cell(grid: Grid, cell: Cell, digest: str, run_dir: Path, results_dir
     return {
         "key": cell.key, "variant": cell.variant.name, "seed": cell.seed, "corpus": cell.corpus,
         "budget": cell.budget.name, "hash": digest, "model_type": cell.variant.model_type,
-        "bleu": results["test_bleu"], "chrf": results["test_chrf"], "nll": nll,
+        "bleu": results["test_bleu"], "chrf": results["test_chrf"], "nll": measured["nll"],
         "best_validation_bleu": results.get("best_validation_bleu"),
-        "parameters": parameters, "steps": steps, "flops_per_step": per_step, "flops": per_step * steps,
+        "parameters": measured["parameters"], "steps": steps, "flops_per_step": per_step, "flops": per_step * steps,
         "train_seconds": results.get("train_runtime"), "num_beams": results.get("final_num_beams"),
         "test_sentences": len(predictions), "predictions": f"{PREDICTIONS_DIR}/{cell.slug}.txt",
         "curves": curves, "run_dir": str(run_dir), "torch_threads": int(os.environ.get("OMP_NUM_THREADS", "0") or 0),
