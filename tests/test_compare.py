@@ -197,7 +197,7 @@ class FakeTraining:
         (run_dir / "checkpoint-2" / "model.safetensors").write_bytes(b"w")
         (run_dir / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"log_history": []}))
         if self.die:
-            raise RuntimeError("killed")
+            raise runner.CellFailed("killed")
         (run_dir / "results.json").write_text("{}")
 
 
@@ -226,7 +226,7 @@ def test_runner_skips_finished_resumes_killed_and_reruns_stale(tmp_path, fake_ru
     # Killed: a stale cell dies after its first checkpoint; the next run resumes it.
     changed = load_grid(_write_grid(tmp_path, overrides={**grid.overrides, "max_train_samples": 32}))
     fake_runner.die = True
-    with pytest.raises(RuntimeError, match="killed"):
+    with pytest.raises(runner.GridFailures, match="1 cell.*vanilla/ding/s4/seed0: killed"):
         runner.run_grid(changed, work, results, max_cells=1)
     states = [state for _, _, state in runner.cell_states(changed, results, work)]
     assert states == ["partial", "stale", "stale", "stale"]
@@ -241,6 +241,22 @@ def test_runner_skips_finished_resumes_killed_and_reruns_stale(tmp_path, fake_ru
     assert len(list((work / "cells").iterdir())) == 8  # old and new folders side by side
     # The optimizer checkpoints of cells not kept for analyses are removed once recorded.
     assert not any((work / "cells").glob("*/checkpoint-*"))
+
+
+def test_a_failed_cell_does_not_stop_the_grid(tmp_path, fake_runner, monkeypatch):
+    grid = load_grid(_write_grid(tmp_path))
+    work, results = tmp_path / "work", tmp_path / "results"
+    original = fake_runner.__call__
+
+    def vanilla_fails(command, log):
+        if "fusion_transformer" in command:
+            raise runner.CellFailed(f"status 1; see {log}")
+        original(command, log)
+
+    monkeypatch.setattr(runner, "_run", vanilla_fails)
+    with pytest.raises(runner.GridFailures, match="2 cell.*vanilla/ding/s4/seed0.*vanilla/ding/s4/seed1"):
+        runner.run_grid(grid, work, results)
+    assert sorted(runner.read_results(results / runner.RESULTS_NAME)) == ["rs/ding/s4/seed0", "rs/ding/s4/seed1"]
 
 
 # --- the report ------------------------------------------------------------------------------------

@@ -41,6 +41,14 @@ PREDICTIONS_DIR = "predictions"
 CURVE_KEYS = ("loss", "eval_loss", "eval_bleu", "eval_chrf")
 
 
+class CellFailed(RuntimeError):
+    """One cell could not run (a failed command, a missing teacher); the grid goes on."""
+
+
+class GridFailures(RuntimeError):
+    """Some cells of a grid failed; the message names each with its log."""
+
+
 # --- the results file --------------------------------------------------------------------------
 def read_results(path: Path) -> dict[str, dict[str, Any]]:
     """The records of a results file by cell key (the last record of a key wins)."""
@@ -88,25 +96,27 @@ def _run(command: list[str], log: Path) -> None:
         handle.flush()
         status = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2])
     if status != 0:
-        raise RuntimeError(f"`{' '.join(command[:5])} ...` failed with status {status}; see {log}.")
+        raise CellFailed(f"`{' '.join(command[:5])} ...` failed with status {status}; see {log}.")
 
 
-def _export_split(corpus: str, split: str, limit: int | None, path: Path) -> None:
-    """Write a split of a built-in corpus as a jsonl file of ``source``/``target`` pairs."""
-    from ..data import load_parallel_data
-
-    if path.is_file():
-        return
-    data = load_parallel_data(dataset_name=corpus)[split]
-    if limit is not None:
-        data = data.select(range(min(limit, len(data))))
+def _write_pairs(path: Path, sources: list[str], targets: list[str]) -> None:
+    """A jsonl file of ``source``/``target`` pairs, written atomically (a kill leaves no half file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
     temporary.write_text(
-        "".join(json.dumps({"source": s, "target": t}, ensure_ascii=False) + "\n" for s, t in zip(data["source"], data["target"])),
+        "".join(json.dumps({"source": s, "target": t}, ensure_ascii=False) + "\n" for s, t in zip(sources, targets)),
         encoding="utf-8",
     )
     temporary.replace(path)
+
+
+def _export_split(corpus: str, split: str, path: Path) -> None:
+    """Write a split of a built-in corpus as a jsonl file (once)."""
+    from ..data import load_parallel_data
+
+    if not path.is_file():
+        data = load_parallel_data(dataset_name=corpus)[split]
+        _write_pairs(path, data["source"], data["target"])
 
 
 def _distilled_data(grid: Grid, cell: Cell, teacher_final: Path, work_dir: Path) -> list[str]:
@@ -141,16 +151,10 @@ def _distilled_data(grid: Grid, cell: Cell, teacher_final: Path, work_dir: Path)
                                    "max_new_tokens": data_args.max_target_length},
                 show_progress=False,
             )
-        folder.mkdir(parents=True, exist_ok=True)
-        temporary = train_file.with_suffix(".tmp")
-        temporary.write_text(
-            "".join(json.dumps({"source": s, "target": t}, ensure_ascii=False) + "\n" for s, t in zip(train["source"], targets)),
-            encoding="utf-8",
-        )
-        temporary.replace(train_file)
+        _write_pairs(train_file, train["source"], targets)
     files = {"validation": folder / "validation.jsonl", "test": folder / "test.jsonl"}
-    _export_split(cell.corpus, "validation", None, files["validation"])
-    _export_split(cell.corpus, "test", None, files["test"])
+    _export_split(cell.corpus, "validation", files["validation"])
+    _export_split(cell.corpus, "test", files["test"])
     return [
         "--train_file", str(train_file), "--validation_file", str(files["validation"]),
         "--test_file", str(files["test"]),
@@ -193,7 +197,7 @@ def run_cell(grid: Grid, cell: Cell, digest: str, work_dir: Path, results_dir: P
         teacher = grid.cell(cell.variant.teacher, cell.seed, cell.corpus, cell.budget)
         teacher_final = cell_dir(work_dir, teacher, hashes[teacher.key]) / "final"
         if not (teacher_final / "config.json").is_file():
-            raise RuntimeError(f"{cell.key} needs its teacher {teacher.key}, which has not finished ({teacher_final}).")
+            raise CellFailed(f"{cell.key} needs its teacher {teacher.key}, which has not finished ({teacher_final}).")
         extra += _teacher_extra(grid, cell, run_dir, work_dir, teacher_final)
     wall_file = run_dir / "wall_seconds.json"
     wall = json.loads(wall_file.read_text())["seconds"] if wall_file.is_file() else 0.0
@@ -290,22 +294,35 @@ def run_grid(grid: Grid, work_dir: Path, results_dir: Path, max_cells: int | Non
              only: list[str] | None = None, after_cell: Callable[[], Any] | None = None) -> list[dict[str, Any]]:
     """Run every cell that is not done (``only``: of these variants; ``max_cells``: at most that
     many), in the grid's order; returns the records written. ``after_cell`` runs after each
-    recorded cell (the report); its failure is logged, never fatal to the grid."""
+    recorded cell (the report); its failure is logged, never fatal to the grid.
+
+    A cell that fails (its training exits non-zero, its teacher is missing) is logged and skipped,
+    so that one broken variant does not hold up a grid that runs for days; the grid then ends
+    with :class:`GridFailures` naming every failed cell and its log.
+    """
     states = cell_states(grid, results_dir, work_dir)
     hashes = {cell.key: digest for cell, digest, _ in states}
-    written = []
+    written: list[dict[str, Any]] = []
+    failures: list[str] = []
     for cell, digest, state in states:
         if state == "done" or (only and cell.variant.name not in only):
             continue
-        if max_cells is not None and len(written) >= max_cells:
+        if max_cells is not None and len(written) + len(failures) >= max_cells:
             break
         if state == "stale":
             logger.info("%s is stale (its settings changed since it was recorded): running it again", cell.key)
-        written.append(run_cell(grid, cell, digest, work_dir, results_dir, hashes))
+        try:
+            written.append(run_cell(grid, cell, digest, work_dir, results_dir, hashes))
+        except CellFailed as error:
+            logger.error("%s failed, going on with the next cell: %s", cell.key, error)
+            failures.append(f"{cell.key}: {error}")
+            continue
         logger.info("Recorded %s: BLEU %.2f", cell.key, written[-1]["bleu"])
         if after_cell is not None:
             try:
                 after_cell()
             except Exception:  # a report bug must not stop a long grid
                 logger.exception("Writing the report after %s failed; the grid goes on", cell.key)
+    if failures:
+        raise GridFailures(f"{len(failures)} cell(s) failed (the others were recorded): " + " | ".join(failures))
     return written
