@@ -106,7 +106,7 @@ def claim_rows(grid: Grid, groups: dict) -> list[dict[str, Any]]:
                     if other != metric and claim.get("kind", "greater") == "greater"
                 }
                 rows.append({
-                    "others": others,
+                    "others": others, "scale": scale_of(grid, claim["a"], corpus, budget.name),
                     "claim": claim, "corpus": corpus, "budget": budget.name, "metric": metric,
                     "a": mean_interval([a[seed][metric] for seed in sorted(set(a) & set(b))]),
                     "b": mean_interval([b[seed][metric] for seed in sorted(set(a) & set(b))]),
@@ -128,7 +128,7 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def _ours(row: dict[str, Any], scale: str) -> str:
+def _ours(row: dict[str, Any]) -> str:
     unit = METRIC_NAMES[row["metric"]]
     difference: Interval = row["difference"]
     if difference.n == 0:
@@ -136,11 +136,11 @@ def _ours(row: dict[str, Any], scale: str) -> str:
     return (
         f"{row['claim']['a']} − {row['claim']['b']}: {difference.format()} {unit}"
         f"{' (lower NLL counts as better)' if row['metric'] in LOWER_IS_BETTER else ''}"
-        f" ({row['a'].format()} vs {row['b'].format()}; {difference.n} seeds; {scale})"
+        f" ({row['a'].format()} vs {row['b'].format()}; {difference.n} seeds; {row['scale']})"
     )
 
 
-def claims_table(rows: list[dict[str, Any]], scale: str, link: str, analyses: list[dict[str, Any]] = ()) -> str:
+def claims_table(rows: list[dict[str, Any]], link: str, analyses: list[dict[str, Any]] = ()) -> str:
     """The Markdown claims table (README and report); ``analyses`` are the rows this tool does not
     compute, listed as pending with what they need."""
     lines = [
@@ -149,7 +149,7 @@ def claims_table(rows: list[dict[str, Any]], scale: str, link: str, analyses: li
     ]
     for row in rows:
         claim = row["claim"]
-        ours = _ours(row, f"{scale}, {row['corpus']} {row['budget']}")
+        ours = _ours(row)
         others = "; ".join(f"{METRIC_NAMES[name]}: {value}" for name, value in row["others"].items()) or "–"
         lines.append(
             f"| {claim['paper']} | {claim['claim']} | {claim.get('paper_number', '')} | {ours} | "
@@ -225,14 +225,19 @@ def _variant_table(grid: Grid, groups: dict, tests: dict, corpus: str, budget: s
     return lines
 
 
-def scale_of(grid: Grid, records: dict[str, dict[str, Any]]) -> str:
-    """A short description of the model scale, for the claims table."""
+def scale_of(grid: Grid, variant: str, corpus: str, budget: str) -> str:
+    """The model size and step budget of a variant's cells, e.g. ``6+6 d128, 600 steps``."""
     from ..arguments import parse_experiment
-    from .grid import override_tokens
+    from .grid import merged_overrides, override_tokens
 
-    experiment = parse_experiment(grid.config, override_tokens(grid.overrides))
+    budget_spec = next(entry for entry in grid.budgets if entry.name == budget)
+    cell = grid.cell(variant, grid.seeds[0], corpus, budget_spec)
+    experiment = parse_experiment(grid.config, override_tokens(merged_overrides(grid, cell)))
     config = experiment.model.model_config
-    return f"{config.get('encoder_layers')}+{config.get('decoder_layers')} d{config.get('d_model')}"
+    return (
+        f"{config.get('encoder_layers')}+{config.get('decoder_layers')} d{config.get('d_model')}, "
+        f"{experiment.training.max_steps} steps, {corpus}"
+    )
 
 
 def write_report(grid: Grid, results_dir: Path, readme: Path | None = None) -> Path:
@@ -245,7 +250,6 @@ def write_report(grid: Grid, results_dir: Path, readme: Path | None = None) -> P
     results_dir.mkdir(parents=True, exist_ok=True)
     cache_file.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
     rows = claim_rows(grid, groups)
-    scale = scale_of(grid, records)
     total = len(grid.cells())
     grid_file = os.path.relpath(grid.path, REPO_ROOT) if grid.path else grid.name
     lines = [
@@ -263,7 +267,7 @@ def write_report(grid: Grid, results_dir: Path, readme: Path | None = None) -> P
         "",
         "## Claims",
         "",
-        claims_table(rows, scale, "#claims", grid.analyses),
+        claims_table(rows, "#claims", grid.analyses),
         "",
         ("Analysis rows: **pending** (computed outside this tool, on the kept checkpoints of the cells named: "
         f"the checkpoints of {', '.join(grid.keep_checkpoints) or 'no variant'} stay in the work folder)."),
@@ -280,7 +284,7 @@ def write_report(grid: Grid, results_dir: Path, readme: Path | None = None) -> P
     report.write_text("\n".join(lines), encoding="utf-8")
     if readme is not None:
         link = os.path.relpath(report, readme.resolve().parent)
-        update_readme(readme, claims_table(rows, scale, link, grid.analyses), f"{len(records)} of {total}", link)
+        update_readme(readme, claims_table(rows, link, grid.analyses), f"{len(records)} of {total}", link)
     return report
 
 
