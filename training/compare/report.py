@@ -167,7 +167,8 @@ def plot_claim_curves(groups: dict, claim: dict[str, Any], corpus: str, budget: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (("loss", "train loss"), ("eval_loss", "validation loss"), ("eval_bleu", "validation BLEU"))
+    panels = (("loss", "train loss"), ("eval_loss", "validation loss (label-smoothed)"),
+              ("eval_bleu", "validation BLEU (greedy)"))
     series: dict[str, dict[str, dict[int, list[float]]]] = {}
     for variant in (claim["a"], claim["b"]):
         for record in groups.get((corpus, budget, variant), {}).values():
@@ -184,7 +185,8 @@ def plot_claim_curves(groups: dict, claim: dict[str, Any], corpus: str, budget: 
             if not points:
                 continue
             steps = [step for step, _ in points]
-            line = axis.plot(steps, [_mean(values) for _, values in points], label=variant)[0]
+            marker = "o" if len(steps) <= 12 else None
+            line = axis.plot(steps, [_mean(values) for _, values in points], label=variant, marker=marker, markersize=3)[0]
             axis.fill_between(steps, [min(values) for _, values in points], [max(values) for _, values in points],
                               color=line.get_color(), alpha=0.2)
         axis.set_title(title)
@@ -202,13 +204,13 @@ def plot_claim_curves(groups: dict, claim: dict[str, Any], corpus: str, budget: 
 def _variant_table(grid: Grid, groups: dict, tests: dict, corpus: str, budget: str) -> list[str]:
     lines = [
         ("| variant | model type | seeds | parameters | BLEU | chrF | test NLL | steps | GFLOPs/step | "
-        "PFLOPs total | train min | paired bootstrap p vs baseline, BLEU (per seed) | chrF |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "PFLOPs total | train min | cell min | paired bootstrap p vs baseline, BLEU (per seed) | chrF |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant in grid.variants:
         seeds = groups.get((corpus, budget, variant.name), {})
         if not seeds:
-            lines.append(f"| {variant.name} | {variant.model_type} | 0/{len(grid.seeds)} | | | | | | | | | | |")
+            lines.append(f"| {variant.name} | {variant.model_type} | 0/{len(grid.seeds)} |" + " |" * 11)
             continue
         records = [seeds[seed] for seed in sorted(seeds)]
         metrics = {metric: mean_interval([record[metric] for record in records]) for metric in METRICS}
@@ -219,7 +221,8 @@ def _variant_table(grid: Grid, groups: dict, tests: dict, corpus: str, budget: s
             f"{records[0]['parameters']:,} | {metrics['bleu'].format()} | {metrics['chrf'].format()} | "
             f"{metrics['nll'].format(3)} | {records[0]['steps']} | {_mean([r['flops_per_step'] for r in records]) / 1e9:.1f} | "
             f"{_mean([r['flops'] for r in records]) / 1e15:.3f} | "
-            f"{_mean([r['train_seconds'] or math.nan for r in records]) / 60:.1f} | {baseline_cell} | "
+            f"{_mean([r['train_seconds'] or math.nan for r in records]) / 60:.1f} | "
+            f"{_mean([r.get('cell_wall_seconds', math.nan) for r in records]) / 60:.1f} | {baseline_cell} | "
             f"{'' if variant.name == grid.baseline else _p_values(own_tests, 'chrf')} |"
         )
     return lines
