@@ -243,6 +243,16 @@ def test_runner_skips_finished_resumes_killed_and_reruns_stale(tmp_path, fake_ru
     assert not any((work / "cells").glob("*/checkpoint-*"))
 
 
+def test_one_runner_per_work_folder(tmp_path, fake_runner):
+    from training.errors import OutputDirBusyError
+    from training.pipeline import output_dir_lock
+
+    grid = load_grid(_write_grid(tmp_path))
+    with output_dir_lock(tmp_path / "work"), pytest.raises(OutputDirBusyError, match="in use by another run"):
+        runner.run_grid(grid, tmp_path / "work", tmp_path / "results")
+    assert fake_runner.commands == []
+
+
 def test_a_failed_cell_does_not_stop_the_grid(tmp_path, fake_runner, monkeypatch):
     grid = load_grid(_write_grid(tmp_path))
     work, results = tmp_path / "work", tmp_path / "results"

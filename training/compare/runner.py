@@ -300,6 +300,15 @@ def run_grid(grid: Grid, work_dir: Path, results_dir: Path, max_cells: int | Non
     so that one broken variant does not hold up a grid that runs for days; the grid then ends
     with :class:`GridFailures` naming every failed cell and its log.
     """
+    from ..pipeline import output_dir_lock
+
+    # One runner per work folder: a second one would train the same cells into the same folders.
+    with output_dir_lock(work_dir):
+        return _run_cells(grid, work_dir, results_dir, max_cells, only, after_cell)
+
+
+def _run_cells(grid: Grid, work_dir: Path, results_dir: Path, max_cells: int | None, only: list[str] | None,
+               after_cell: Callable[[], Any] | None) -> list[dict[str, Any]]:
     states = cell_states(grid, results_dir, work_dir)
     hashes = {cell.key: digest for cell, digest, _ in states}
     written: list[dict[str, Any]] = []
