@@ -169,6 +169,11 @@ def test_cell_hash_follows_the_resolved_config(tmp_path, monkeypatch):
     before = cell_hash(grid, cell)
     assert cell_hash(grid, cell) == before  # deterministic
     assert cell_hash(grid, grid.cells()[1]) != before  # another seed
+    # Adding a variant (here a pretrained one) leaves the recorded cells' identities alone.
+    extra = {"name": "e2s2", "model_type": "fusion_transformer", "pretrain": {"objective": "e2s2", "max_steps": 2}}
+    bigger = load_grid(_write_grid(tmp_path, variants=[*yaml.safe_load(grid.path.read_text())["variants"], extra]))
+    assert cell_hash(bigger, bigger.cells()[0]) == before
+    assert cell_hash(bigger, bigger.cell("e2s2", 0, "ding", bigger.budgets[0])) != cell_hash(grid, cell)
 
     original = AutoConfig.for_model
 
@@ -323,6 +328,7 @@ def test_a_tiny_grid_trains_resumes_transfers_and_distills(tmp_path):
         {"name": "vanilla", "model_type": "fusion_transformer"},
         {"name": "rs_transfer_kd", "model_type": "recurrent_stacking", "model_config": {"sharing_strategy": "recurrent"},
          "transfer": {"teacher": "vanilla"}, "distill": {"teacher": "vanilla", "num_beams": 2}},
+        {"name": "e2s2", "model_type": "fusion_transformer", "pretrain": {"objective": "e2s2", "max_steps": 2, "batch_size": 8}},
     ]
     path = _write_grid(tmp_path, seeds=[0], variants=variants, claims=[],
                        keep_checkpoints=["rs_transfer_kd"])
@@ -357,6 +363,12 @@ def test_a_tiny_grid_trains_resumes_transfers_and_distills(tmp_path):
     assert [point["step"] for point in resumed["curves"] if "eval_loss" in point] == [2, 4]
     assert resumed["parameters"] < vanilla["parameters"]  # one shared layer per stack
     assert "rs_transfer_kd" in (results / "report.md").read_text()
+    # The pretrained variant: pretrained (2 steps) with the tokenizer the cell trains, then fine-tuned.
+    pretrained = runner.read_results(results / runner.RESULTS_NAME)["e2s2/ding/s4/seed0"]
+    assert pretrained["pretrain_steps"] == 2 and pretrained["steps"] == 4
+    e2s2_dir = next((work / "cells").glob("e2s2__*"))
+    assert json.loads((e2s2_dir / "pretrained" / "trainer_state.json").read_text())["global_step"] == 2
+    assert "--model_name_or_path" in (e2s2_dir / "train.log").read_text()
 
 
 @pytest.mark.slow

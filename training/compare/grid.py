@@ -4,7 +4,8 @@ Every cell of the grid is an ordinary ``hf-fusion train`` run of the grid's expe
 the same overrides except the ones that define the variant, so that variants differ in nothing but
 their model (same data, tokenizer recipe, batches, schedule and step budget). A variant may start
 from another variant's trained model of the same seed (``transfer``: ``hf-fusion transfer``) or
-train on its sequence-level distillation outputs (``distill``), which makes it depend on that cell.
+train on its sequence-level distillation outputs (``distill``), which makes it depend on that cell, or be pretrained first on the training text of
+its cell (``pretrain``: ``hf-fusion pretrain-e2s2`` with E2S2's or BART's objective), then fine-tuned.
 
 A cell's identity is a hash of everything that decides its outcome: the *fully resolved* model
 config (the family's config class filled with the grid's fields, so that a changed family default
@@ -27,6 +28,7 @@ The YAML format (``benchmarks/grids/*.yaml`` are the shipped grids)::
       - {name: rs_transfer, model_type: recurrent_stacking, model_config: {sharing_strategy: recurrent},
          transfer: {teacher: vanilla, block_source: mean}}
       - {name: rs_kd, model_type: recurrent_stacking, distill: {teacher: vanilla}}
+      - {name: e2s2, model_type: fusion_transformer, pretrain: {objective: e2s2, max_steps: 300}}
     claims: [...]                         # see training/compare/report.py
     analyses: [...]                       # rows whose analysis is not run by this tool (pending)
 
@@ -51,9 +53,11 @@ GRID_KEYS = (
     "name", "description", "config", "seeds", "corpora", "budgets", "overrides", "baseline", "variants",
     "claims", "analyses", "keep_checkpoints", "extends", "variant_overrides",
 )
-VARIANT_KEYS = ("name", "model_type", "model_config", "overrides", "transfer", "distill", "description")
+VARIANT_KEYS = ("name", "model_type", "model_config", "overrides", "transfer", "distill", "pretrain", "description")
 TRANSFER_KEYS = ("teacher", "block_source")
 DISTILL_KEYS = ("teacher", "num_beams", "batch_size")
+PRETRAIN_KEYS = ("objective", "max_steps", "batch_size", "learning_rate")
+PRETRAIN_OBJECTIVES = ("e2s2", "bart")
 # Arguments that say where a run writes, not what it computes: left out of the cell's hash.
 NOT_HASHED = {
     "output_dir", "export_dir", "logging_dir", "run_name", "resume_from_checkpoint", "hub_token", "hub_model_id",
@@ -78,6 +82,7 @@ class Variant:
     overrides: dict[str, Any] = field(default_factory=dict)
     transfer: dict[str, Any] | None = None
     distill: dict[str, Any] | None = None
+    pretrain: dict[str, Any] | None = None
     description: str = ""
 
     @property
@@ -239,6 +244,16 @@ def load_grid(path: str | Path) -> Grid:
                     f"({', '.join(v.name for v in variants) or 'none yet'})."
                 )
             recipes[recipe] = dict(value)
+        if entry.get("pretrain") is not None:
+            pretrain = _check_keys(entry["pretrain"], PRETRAIN_KEYS, f"{path}: variant {name!r} pretrain")
+            if pretrain.get("objective") not in PRETRAIN_OBJECTIVES or not isinstance(pretrain.get("max_steps"), int):
+                raise GridError(
+                    f"{path}: variant {name!r} pretrain needs objective ({', '.join(PRETRAIN_OBJECTIVES)}) and "
+                    f"max_steps (an integer), got {pretrain}."
+                )
+            if recipes:
+                raise GridError(f"{path}: variant {name!r}: pretrain cannot be combined with transfer or distill.")
+            recipes["pretrain"] = dict(pretrain)
         if recipes.get("transfer") and recipes.get("distill") and (
             recipes["transfer"]["teacher"] != recipes["distill"]["teacher"]
         ):
@@ -344,6 +359,8 @@ def cell_hash(grid: Grid, cell: Cell, _memo: dict[str, str] | None = None) -> st
     if cell.key in memo:
         return memo[cell.key]
     payload: dict[str, Any] = {"settings": resolved_settings(grid, cell)}
+    if cell.variant.pretrain:
+        payload["pretrain"] = cell.variant.pretrain
     if cell.variant.teacher:
         teacher = grid.cell(cell.variant.teacher, cell.seed, cell.corpus, cell.budget)
         payload.update(

@@ -185,6 +185,44 @@ def _teacher_extra(grid: Grid, cell: Cell, run_dir: Path, work_dir: Path, teache
     return extra
 
 
+def _pretrained_model(grid: Grid, cell: Cell, run_dir: Path) -> list[str]:
+    """Pretrain the cell's model on its training text (sources and targets, one per line) with
+    ``hf-fusion pretrain-e2s2``, then fine-tune it as the cell. The tokenizer is the one the cell
+    would train anyway (the pipeline's own ``get_tokenizer``, saved in ``RUN_DIR/tokenizer``), so a
+    pretrained variant differs from the others only by its initial weights. Pretraining writes to a
+    ``.partial`` folder renamed when done: a killed pretraining starts over, a finished one is kept."""
+    from ..arguments import parse_experiment
+    from ..pipeline import TOKENIZER_SUBDIR, get_tokenizer, load_splits
+
+    final = run_dir / "pretrained"
+    if not (final / "config.json").is_file():
+        experiment = parse_experiment(
+            grid.config, [*override_tokens(merged_overrides(grid, cell)), "--output_dir", str(run_dir)]
+        )
+        train = load_splits(experiment.data)["train"]
+        get_tokenizer(experiment.model, experiment.data, experiment.training, train)
+        text = run_dir / "pretrain_text.txt"
+        text.write_text("".join(line + "\n" for column in ("source", "target") for line in train[column]), encoding="utf-8")
+        recipe = cell.variant.pretrain or {}
+        partial = run_dir / "pretrained.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        command = [
+            sys.executable, "-m", "training.cli", "pretrain-e2s2", "--model", cell.variant.model_type,
+            "--tokenizer", str(run_dir / TOKENIZER_SUBDIR), "--train_files", str(text), "--output_dir", str(partial),
+            "--objective", recipe["objective"], "--max_steps", str(recipe["max_steps"]), "--seed", str(cell.seed),
+            "--max_length", str(experiment.data.max_source_length),
+            "--per_device_train_batch_size", str(recipe.get("batch_size", 64)),
+            "--learning_rate", str(recipe.get("learning_rate", experiment.training.learning_rate)),
+            "--warmup_steps", str(max(1, recipe["max_steps"] // 10)),
+            "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
+            "--use_cpu", str(experiment.training.use_cpu).lower(),
+            *override_tokens({"model_config": experiment.model.model_config}),
+        ]
+        _run(command, run_dir / "train.log")
+        partial.rename(final)
+    return ["--model_name_or_path", str(final)]
+
+
 def run_cell(grid: Grid, cell: Cell, digest: str, work_dir: Path, results_dir: Path,
              hashes: dict[str, str]) -> dict[str, Any]:
     """Train (or resume) one cell, measure it, record it; returns its record."""
@@ -199,6 +237,8 @@ def run_cell(grid: Grid, cell: Cell, digest: str, work_dir: Path, results_dir: P
         if not (teacher_final / "config.json").is_file():
             raise CellFailed(f"{cell.key} needs its teacher {teacher.key}, which has not finished ({teacher_final}).")
         extra += _teacher_extra(grid, cell, run_dir, work_dir, teacher_final)
+    if cell.variant.pretrain:
+        extra += _pretrained_model(grid, cell, run_dir)
     wall_file = run_dir / "wall_seconds.json"
     wall = json.loads(wall_file.read_text())["seconds"] if wall_file.is_file() else 0.0
     if not (run_dir / RESULTS_FILE).is_file():
@@ -247,6 +287,7 @@ def measure_cell(grid: Grid, cell: Cell, digest: str, run_dir: Path, results_dir
         "bleu": results["test_bleu"], "chrf": results["test_chrf"], "nll": measured["nll"],
         "best_validation_bleu": results.get("best_validation_bleu"),
         "parameters": measured["parameters"], "steps": steps, "flops_per_step": per_step, "flops": per_step * steps,
+        "pretrain_steps": (cell.variant.pretrain or {}).get("max_steps", 0),
         "train_seconds": results.get("train_runtime"), "num_beams": results.get("final_num_beams"),
         "test_sentences": len(predictions), "predictions": f"{PREDICTIONS_DIR}/{cell.slug}.txt",
         "curves": curves, "run_dir": str(run_dir), "torch_threads": int(os.environ.get("OMP_NUM_THREADS", "0") or 0),
