@@ -58,6 +58,27 @@ def test_verdicts_read_the_interval():
         verdict(Interval(1.0, 0.5, 3), "better")
 
 
+def test_a_relative_margin_scales_with_the_baseline(tmp_path):
+    """'Within 4% of b': 1.08 BLEU at b = 27, 0.006 at the BLEU floor, where a small absolute
+    gap no longer counts as close."""
+    from training.compare.report import claim_margin, claim_rows
+
+    assert claim_margin({"relative_margin": 0.04}, [25.0, 27.0, 29.0]) == pytest.approx(1.08)
+    assert claim_margin({"margin": 1.0}, [0.1]) == 1.0
+    claim = {"id": "c", "paper": "P", "claim": "a close to b", "kind": "close", "relative_margin": 0.04,
+             "a": "rs", "b": "vanilla", "metric": "bleu"}
+    grid = load_grid(_write_grid(tmp_path, seeds=[0, 1, 2], claims=[claim]))
+
+    def cells(bleus):
+        return {seed: {"bleu": bleu, "chrf": 10 * bleu, "nll": 5.0} for seed, bleu in enumerate(bleus)}
+
+    # a - b = -0.5 +- 0.1 BLEU: close to b = 27 (threshold -1.08), not to b = 1 (threshold -0.04).
+    high = claim_rows(grid, {("ding", "s4", "rs"): cells([26.4, 26.5, 26.6]), ("ding", "s4", "vanilla"): cells([26.9, 27.0, 27.1])})
+    low = claim_rows(grid, {("ding", "s4", "rs"): cells([0.4, 0.5, 0.6]), ("ding", "s4", "vanilla"): cells([0.9, 1.0, 1.1])})
+    assert high[0]["verdict"] == "reproduced" and low[0]["verdict"] == "contradicted"
+    assert high[0]["others"] == {"chrf": "reproduced", "nll": "reproduced"}  # equal NLLs are within any margin
+
+
 def _bleu_from_stats(stats: np.ndarray) -> float:
     """Corpus BLEU from summed sacreBLEU statistics [hyp len, ref len, correct 1-4, total 1-4]
     (no smoothing needed: the test data has matches of every order)."""

@@ -88,30 +88,41 @@ def bootstrap_tests(
     return tests
 
 
+def claim_margin(claim: dict[str, Any], b_values: list[float]) -> float:
+    """The margin of a ``close`` claim in the units of its metric: ``margin`` as given, or
+    ``relative_margin`` times the mean of b (so "within 1 BLEU of 27" is 4%, and a model at the
+    BLEU floor is not "within 1 BLEU" by default)."""
+    if "relative_margin" in claim:
+        return float(claim["relative_margin"]) * abs(sum(b_values) / len(b_values)) if b_values else 0.0
+    return float(claim.get("margin", 0.0))
+
+
 def claim_rows(grid: Grid, groups: dict) -> list[dict[str, Any]]:
-    """One row per claim and (corpus, budget): the paired difference, its interval, the verdict."""
+    """One row per claim and (corpus, budget): the paired difference, its interval, the verdict,
+    and the same test on the other metrics (at small scale chrF and NLL resolve what BLEU cannot;
+    an absolute ``margin`` is in the claim's metric's units, so then only the claim's metric)."""
     rows = []
     for corpus in grid.corpora:
         for budget in grid.budgets:
             for claim in grid.claims:
-                metric = claim.get("metric", "bleu")
+                kind, metric = claim.get("kind", "greater"), claim.get("metric", "bleu")
                 a = groups.get((corpus, budget.name, claim["a"]), {})
                 b = groups.get((corpus, budget.name, claim["b"]), {})
-                difference = mean_interval(paired_differences(a, b, metric))
-                # The same comparison on the other metrics (a "greater" claim only: a margin is in
-                # the units of the claim's metric): at small scale chrF and NLL resolve what BLEU cannot.
-                others = {
-                    other: verdict(mean_interval(paired_differences(a, b, other)), "greater")
-                    for other in METRICS
-                    if other != metric and claim.get("kind", "greater") == "greater"
-                }
+                seeds = sorted(set(a) & set(b))
+                verdicts = {}
+                for name in METRICS:
+                    if name != metric and kind == "close" and "relative_margin" not in claim:
+                        continue
+                    margin = claim_margin(claim, [b[seed][name] for seed in seeds])
+                    verdicts[name] = verdict(mean_interval(paired_differences(a, b, name)), kind, margin)
                 rows.append({
-                    "others": others, "scale": scale_of(grid, claim["a"], corpus, budget.name),
+                    "others": {name: value for name, value in verdicts.items() if name != metric},
+                    "scale": scale_of(grid, claim["a"], corpus, budget.name),
                     "claim": claim, "corpus": corpus, "budget": budget.name, "metric": metric,
-                    "a": mean_interval([a[seed][metric] for seed in sorted(set(a) & set(b))]),
-                    "b": mean_interval([b[seed][metric] for seed in sorted(set(a) & set(b))]),
-                    "difference": difference,
-                    "verdict": verdict(difference, claim.get("kind", "greater"), float(claim.get("margin", 0.0))),
+                    "a": mean_interval([a[seed][metric] for seed in seeds]),
+                    "b": mean_interval([b[seed][metric] for seed in seeds]),
+                    "difference": mean_interval(paired_differences(a, b, metric)),
+                    "verdict": verdicts[metric],
                 })
     return rows
 
