@@ -11,7 +11,8 @@ seed-to-seed spread common to both variants cancels:
 - ``greater`` (a beats b): reproduced when the interval lies above 0, contradicted when it lies
   below 0, not significant otherwise;
 - ``close`` (a within ``margin`` of b): reproduced when the interval lies above ``-margin``,
-  contradicted when it lies below it, not significant otherwise.
+  contradicted when it lies below it, not significant otherwise (the report may derive the
+  margin from b's mean, ``relative_margin``).
 """
 
 from __future__ import annotations
