@@ -367,7 +367,7 @@ def test_a_tiny_grid_trains_resumes_transfers_and_distills(tmp_path):
     subprocess.run([*command, "--max_cells", "1"], check=True, env=_env(), cwd=REPO_ROOT)
     student_dir = next((work / "cells").glob("rs_transfer_kd*"))
     assert (student_dir / "transferred" / "config.json").is_file()
-    kd_train = (work / "distill" / "rs_transfer_kd__ding__s4__seed0" / "train.jsonl").read_text().splitlines()
+    kd_train = (student_dir / "distilled" / "train.jsonl").read_text().splitlines()
     assert len(kd_train) == 64  # the teacher's translations of the 64 training sources
     first = runner.read_results(results / runner.RESULTS_NAME)["rs_transfer_kd/ding/s4/seed0"]
     for name in ("results.json", "final", "checkpoint-4"):

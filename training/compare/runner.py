@@ -13,8 +13,8 @@ train`` does and a crash or a kill takes only that cell down. What makes the gri
 
 After training, the runner measures what ``hf-fusion train`` does not: the test NLL (teacher
 forced, no label smoothing), the parameter count, the FLOPs of one optimizer step (counted by
-``torch.utils.flop_counter``) and the learning curves of the run, and appends one JSON line to the
-results file. The test predictions are copied next to it, so the paired bootstrap of the report
+``torch.utils.flop_counter``) and the learning curves of the run, and writes the cell's record
+(one JSON line) into the results file. The test predictions are copied next to it, so the paired bootstrap of the report
 needs no work folder.
 """
 
@@ -119,11 +119,12 @@ def _export_split(corpus: str, split: str, path: Path) -> None:
         _write_pairs(path, data["source"], data["target"])
 
 
-def _distilled_data(grid: Grid, cell: Cell, teacher_final: Path, work_dir: Path) -> list[str]:
+def _distilled_data(grid: Grid, cell: Cell, teacher_final: Path, run_dir: Path, work_dir: Path) -> list[str]:
     """Sequence-level KD (Kim & Rush): the training sources translated by the teacher, written as
-    the student's ``train_file``; validation and test are the corpus's own, unchanged. The
-    translations are cached by ``training.distill`` (keyed by the teacher's weights), so a killed
-    distillation resumes."""
+    the student's ``train_file`` in its run folder (whose name holds the hash, hence the teacher's);
+    validation and test are the corpus's own, unchanged. The translations are cached by
+    ``training.distill`` under ``WORK_DIR/distill`` (keyed by the teacher's weights), so a killed
+    distillation resumes and students of the same teacher share them."""
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -132,7 +133,7 @@ def _distilled_data(grid: Grid, cell: Cell, teacher_final: Path, work_dir: Path)
 
     experiment = parse_experiment(grid.config, override_tokens(merged_overrides(grid, cell)))
     data_args = experiment.data
-    folder = work_dir / "distill" / f"{cell.slug}"
+    folder = run_dir / "distilled"
     train_file = folder / "train.jsonl"
     if not train_file.is_file():
         from ..data import load_parallel_data
@@ -171,17 +172,21 @@ def _teacher_extra(grid: Grid, cell: Cell, run_dir: Path, work_dir: Path, teache
         init = run_dir / "transferred"
         if not (init / "config.json").is_file():
             config = merged_overrides(grid, cell).get("model_config", {})
-            sharing = {name: config[name] for name in ("sharing_strategy", "encoder_unique_layers", "decoder_unique_layers") if name in config}
+            sharing_fields = ("sharing_strategy", "encoder_unique_layers", "decoder_unique_layers")
+            sharing = {name: config[name] for name in sharing_fields if name in config}
+            partial = run_dir / "transferred.partial"  # renamed when complete: a kill leaves no half model
+            shutil.rmtree(partial, ignore_errors=True)
             command = [
-                sys.executable, "-m", "training.cli", "transfer", str(teacher_final), str(init),
+                sys.executable, "-m", "training.cli", "transfer", str(teacher_final), str(partial),
                 "--model_type", cell.variant.model_type,
                 *(token for name, value in sharing.items() for token in (f"--{name}", str(value))),
                 "--block_source", json.dumps(cell.variant.transfer.get("block_source", "mean")),
             ]
             _run(command, run_dir / "train.log")
+            partial.rename(init)
         extra += ["--model_name_or_path", str(init)]
     if cell.variant.distill:
-        extra += _distilled_data(grid, cell, teacher_final, work_dir)
+        extra += _distilled_data(grid, cell, teacher_final, run_dir, work_dir)
     return extra
 
 
