@@ -147,7 +147,7 @@ def _ours(row: dict[str, Any]) -> str:
     return (
         f"{row['claim']['a']} − {row['claim']['b']}: {difference.format()} {unit}"
         f"{' (lower NLL counts as better)' if row['metric'] in LOWER_IS_BETTER else ''}"
-        f" ({row['a'].format()} vs {row['b'].format()}; {difference.n} seeds; {row['scale']})"
+        f" ({row['a'].format()} vs {row['b'].format()}; {difference.n} seed{'s' if difference.n != 1 else ''}; {row['scale']})"
     )
 
 
