@@ -333,7 +333,9 @@ def test_report_aggregates_claims_and_fills_the_readme(tmp_path):
     assert text.startswith("intro\n") and text.endswith(f"{README_END}\nrest\n") and "old" not in text
     assert "| P | rs beats vanilla |" in text and f"{2.0:.2f} ± {half:.2f}" in text
     assert differences  # the per-seed differences the interval above was computed from
-    # p-values per seed against the baseline are in the variant table.
+    # The exported model's step per seed (the first best validation BLEU), then the p-values per
+    # seed against the baseline.
+    assert "| 2, 2, 2 |" in report
     assert report.count("/3 < 0.05)") == 2  # BLEU and chrF columns of the rs row
 
 
