@@ -289,7 +289,10 @@ def write_report(grid: Grid, results_dir: Path, readme: Path | None = None) -> P
         (f"**Cells finished: {len(records)} of {total}.** Intervals are 95% t intervals over seeds; a claim's "
         "verdict reads the interval of the mean difference paired by seed (reproduced only when the interval "
         "excludes the threshold). Paired bootstrap: sacreBLEU's, 1,000 resamples of the test set, each seed's "
-        f"translations against the baseline `{grid.baseline}`'s of the same seed."),
+        f"translations against the baseline `{grid.baseline}`'s of the same seed. The bootstrap covers only "
+        "the sampling of the test sentences for one pair of trained models; the interval over seeds also "
+        "covers the randomness of training, so a difference can be significant in every seed's bootstrap "
+        "and still not over seeds."),
         "",
         "## Claims",
         "",
