@@ -12,6 +12,7 @@ other checkpoints.
     hf-fusion transfer TEACHER OUTPUT_DIR [--sharing_strategy S] [...] [--model_config.FIELD value ...]
     hf-fusion pretrain-e2s2 --model M --tokenizer TOK --train_files F ... [--key value ...]
         [--model_config.FIELD value ...]
+    hf-fusion compare GRID.yaml [--work_dir D] [--max_cells N] [--status] [--report_only] [--readme README.md]
 
 ``CONFIG.yaml`` is an experiment file (see ``training/configs/``); ``--key value`` overrides any of
 its keys, ``hf-fusion train --help`` lists them all; ``--model_config.FIELD value`` sets a config
@@ -238,6 +239,12 @@ def command_pretrain_e2s2(argv: list[str]) -> int:
     return 0
 
 
+def command_compare(argv: list[str]) -> int:
+    from .compare import main as compare
+
+    return compare(argv)
+
+
 def command_translate(argv: list[str]) -> int:
     from .translate import main as translate
 
@@ -255,6 +262,7 @@ HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "transfer": command_transfer,
     "pretrain-e2s2": command_pretrain_e2s2,
     "translate": command_translate,
+    "compare": command_compare,
 }
 
 
