@@ -207,6 +207,77 @@ def test_cell_hash_follows_the_resolved_config(tmp_path, monkeypatch):
     assert cell_hash(grid, cell) != before
 
 
+def test_options_of_an_unused_seam_do_not_enter_the_hash(tmp_path, monkeypatch):
+    """A new option of a seam the model does not use (here a SurfaceFusion field on a vanilla
+    model) leaves the cell's identity alone; the same field on a model that uses the seam, or a
+    change of a field the model reads, does not."""
+    from transformers import AutoConfig
+
+    from training.compare.grid import effective_model_config
+
+    vanilla = AutoConfig.for_model("fusion_transformer").to_dict()
+    kept = effective_model_config(vanilla)
+    assert not any(key.startswith(("dlstm_", "surface_fusion_", "fusion_")) for key in kept)
+    assert "d_model" in kept and "transformers_version" not in kept
+    surface = effective_model_config(AutoConfig.for_model("surface_fusion").to_dict())
+    assert "surface_fusion_lambda" in surface and "dlstm_activation" not in surface
+    fine_grained = effective_model_config(AutoConfig.for_model("encoder_fusion", fusion_mode="fine_grained").to_dict())
+    assert fine_grained["fusion_double_embedding_dropout"] is True
+
+    grid = load_grid(_write_grid(tmp_path))
+    cell = grid.cells()[0]
+    before = cell_hash(grid, cell)
+    original = AutoConfig.for_model
+
+    def with_field(name, value):
+        def build(model_type, **fields):
+            config = original(model_type, **fields)
+            setattr(config, name, value)
+            return config
+
+        return build
+
+    monkeypatch.setattr(AutoConfig, "for_model", with_field("surface_fusion_new_option", 3))
+    assert cell_hash(grid, cell) == before
+    monkeypatch.setattr(AutoConfig, "for_model", with_field("dropout", 0.25))
+    assert cell_hash(grid, cell) != before
+
+
+def test_rekey_keeps_a_run_trained_with_the_current_settings_and_no_other(tmp_path):
+    """``--rekey`` reads the run folder back: a recorded cell under an outdated hash is re-keyed
+    when its saved config and experiment are exactly what the cell asks for now (the tokenizer's
+    fields aside), and left stale when the saved model differs in a field it reads."""
+    from transformers import AutoConfig
+
+    from training.arguments import parse_experiment
+    from training.compare.grid import merged_overrides, override_tokens
+
+    grid = load_grid(_write_grid(tmp_path))
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
+    records = []
+    for cell, dropout in zip(grid.cells()[:2], (None, 0.37)):
+        run_dir = tmp_path / "runs" / cell.slug
+        final = run_dir / "final"
+        final.mkdir(parents=True)
+        experiment = parse_experiment(grid.config, override_tokens(merged_overrides(grid, cell)))
+        (final / "experiment.yaml").write_text(experiment.to_yaml())
+        fields = {**experiment.model.model_config, "vocab_size": 123, "pad_token_id": 1}
+        if dropout is not None:
+            fields["dropout"] = dropout  # this run trained another model than the cell asks for
+        AutoConfig.for_model(experiment.model.model_type, **fields).save_pretrained(final)
+        records.append({"key": cell.key, "hash": "outdated", "run_dir": str(run_dir), "bleu": 1.0})
+    (results_dir / runner.RESULTS_NAME).write_text("".join(json.dumps(record) + "\n" for record in records))
+
+    first, second = grid.cells()[:2]
+    assert runner.rekey_equivalent(grid, results_dir) == [first.key]
+    recorded = runner.read_results(results_dir / runner.RESULTS_NAME)
+    assert recorded[first.key]["hash"] == cell_hash(grid, first) and recorded[first.key]["rekeyed_from"] == "outdated"
+    assert recorded[second.key]["hash"] == "outdated"
+    states = {cell.key: state for cell, _, state in runner.cell_states(grid, results_dir, tmp_path / "work")}
+    assert states[first.key] == "done" and states[second.key] == "stale"
+
+
 # --- the runner, with the training replaced by a fake ------------------------------------------
 class FakeTraining:
     """Stands in for ``python -m training.cli train``: records the command, writes what a

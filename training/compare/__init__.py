@@ -3,6 +3,7 @@
     hf-fusion compare GRID.yaml [--work_dir D] [--results_dir D] [--max_cells N] [--only V ...]
     hf-fusion compare GRID.yaml --status        # what is done, stale, partial, to do
     hf-fusion compare GRID.yaml --report_only   # rewrite the report (and README table) from the results
+    hf-fusion compare GRID.yaml --rekey         # keep recorded runs that match the current settings exactly
 
 The grid (``training/compare/grid.py``) names variants, seeds, corpora and budgets; every cell is
 an ordinary ``hf-fusion train`` run (``training/compare/runner.py``); the results accumulate in
@@ -35,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", nargs="+", default=None, help="run only the cells of these variants")
     parser.add_argument("--status", action="store_true", help="list the cells and their state; run nothing")
     parser.add_argument("--report_only", action="store_true", help="rewrite the report from the results; run nothing")
+    parser.add_argument("--rekey", action="store_true",
+                        help="re-key recorded cells whose run was trained with exactly the current settings "
+                        "(checked from the run folder), then list the states; run nothing")
     parser.add_argument("--readme", default=None,
                         help="README whose claims table (between its markers) the report fills; default: none")
     return parser
@@ -50,7 +54,7 @@ def _report_in_subprocess(grid: str, results_dir: Path, readme: Path | None) -> 
 
 def main(argv: list[str]) -> int:
     """Entry point of ``hf-fusion compare``; returns the exit status."""
-    from .runner import cell_states, run_grid
+    from .runner import cell_states, rekey_equivalent, run_grid
 
     args = _parser().parse_args(argv)
     if args.max_cells is not None and args.max_cells < 0:
@@ -62,7 +66,10 @@ def main(argv: list[str]) -> int:
     work_dir = Path(args.work_dir or Path("runs/compare") / grid.name).resolve()
     results_dir = Path(args.results_dir or REPO_ROOT / "benchmarks/results/claims" / grid.name).resolve()
     readme = Path(args.readme) if args.readme else None
-    if args.status:
+    if args.rekey:
+        for key in rekey_equivalent(grid, results_dir):
+            print(f"re-keyed  {key}")
+    if args.status or args.rekey:
         states = cell_states(grid, results_dir, work_dir)
         for cell, digest, state in states:
             print(f"{state:>8}  {cell.key}  {digest[:12]}")

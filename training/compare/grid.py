@@ -327,9 +327,42 @@ def merged_overrides(grid: Grid, cell: Cell) -> dict[str, Any]:
     return merged
 
 
+# A seam's option fields (by prefix) and the seam choice that reads them: while the seam is set to
+# something else the fields change nothing the model computes.
+SEAM_OPTIONS = {
+    "dlstm_": lambda config: config.get("depth_connection") == "depthwise_lstm",
+    "surface_fusion_": lambda config: config.get("output_head") == "surface_fusion",
+    "fusion_": lambda config: config.get("encoder_memory") in ("transparent", "fine_grained"),
+}
+# Bookkeeping a saved config.json carries that is not a setting.
+CONFIG_BOOKKEEPING = {"transformers_version", "architectures", "auto_map", "_name_or_path", "dtype", "torch_dtype"}
+
+
+def effective_model_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config fields that can change what a model computes: the options of a seam the model
+    does not use are left out, so that a new option of one seam (a new field with its default)
+    does not make every recorded cell of the other families stale."""
+    return {
+        key: value
+        for key, value in config.items()
+        if key not in CONFIG_BOOKKEEPING
+        and all(active(config) for prefix, active in SEAM_OPTIONS.items() if key.startswith(prefix))
+    }
+
+
+def settings_of(experiment: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """The hashed settings of a parsed experiment whose model config is ``config`` (a config dict
+    as the family's config class builds or loads it)."""
+    model = {key: value for key, value in dataclasses.asdict(experiment.model).items() if key != "model_config"}
+    training = {key: value for key, value in experiment.training.to_dict().items() if key not in NOT_HASHED}
+    data = {key: value for key, value in dataclasses.asdict(experiment.data).items() if key not in NOT_HASHED}
+    return {"model_config": effective_model_config(config), "model": model, "data": data, "training": training}
+
+
 def resolved_settings(grid: Grid, cell: Cell) -> dict[str, Any]:
     """What decides the cell's outcome, with the code's defaults filled in: the model config as the
-    family's config class builds it, and every data/training argument as the parser fills it."""
+    family's config class builds it (its effective fields), and every data/training argument as the
+    parser fills it."""
     from transformers import AutoConfig
 
     import hf_fusion  # noqa: F401 -- registers the families with AutoConfig
@@ -338,15 +371,41 @@ def resolved_settings(grid: Grid, cell: Cell) -> dict[str, Any]:
 
     experiment = parse_experiment(grid.config, override_tokens(merged_overrides(grid, cell)))
     config = AutoConfig.for_model(experiment.model.model_type, **experiment.model.model_config).to_dict()
-    config.pop("transformers_version", None)
-    model = {
-        key: value for key, value in dataclasses.asdict(experiment.model).items() if key != "model_config"
-    }
-    training = {
-        key: value for key, value in experiment.training.to_dict().items() if key not in NOT_HASHED
-    }
-    data = {key: value for key, value in dataclasses.asdict(experiment.data).items() if key not in NOT_HASHED}
-    return {"model_config": config, "model": model, "data": data, "training": training}
+    return settings_of(experiment, config)
+
+
+# Config fields the pipeline takes from the trained tokenizer (training/tokenizer.py,
+# ``config_fields_for``): a grid's settings do not fix them, the corpus and vocabulary size do.
+TOKENIZER_FIELDS = {"vocab_size", "pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"}
+
+
+def same_run_settings(recorded: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether a finished run's settings (:func:`trained_settings`) are the ones a cell asks for
+    now (:func:`resolved_settings`), the tokenizer-derived config fields aside."""
+
+    def comparable(settings: dict[str, Any]) -> dict[str, Any]:
+        config = {key: value for key, value in settings["model_config"].items() if key not in TOKENIZER_FIELDS}
+        return json.loads(json.dumps({**settings, "model_config": config}, sort_keys=True, default=str))
+
+    return comparable(recorded) == comparable(wanted)
+
+
+def trained_settings(run_dir: Path) -> dict[str, Any] | None:
+    """The settings a finished run folder was trained with, read by the current code: the saved
+    ``final/config.json`` (loaded by the family's config class, so fields it predates get the
+    values its model was trained with) and the run's ``final/experiment.yaml``. ``None`` when the
+    folder lacks either file."""
+    from transformers import AutoConfig
+
+    import hf_fusion  # noqa: F401 -- registers the families with AutoConfig
+
+    from ..arguments import parse_experiment
+
+    final = run_dir / "final"
+    if not (final / "config.json").is_file() or not (final / "experiment.yaml").is_file():
+        return None
+    experiment = parse_experiment(final / "experiment.yaml", [])
+    return settings_of(experiment, AutoConfig.from_pretrained(final).to_dict())
 
 
 def _digest(payload: Any) -> str:

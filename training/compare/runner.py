@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .grid import Cell, Grid, cell_hash, merged_overrides, override_tokens
+from .grid import Cell, Grid, cell_hash, merged_overrides, override_tokens, resolved_settings, same_run_settings, trained_settings
 
 logger = logging.getLogger(__name__)
 
@@ -334,6 +334,32 @@ def cell_states(grid: Grid, results_dir: Path, work_dir: Path) -> list[tuple[Cel
             state = "stale" if record is not None else "todo"
         states.append((cell, digest, state))
     return states
+
+
+def rekey_equivalent(grid: Grid, results_dir: Path) -> list[str]:
+    """Give a recorded cell whose hash no longer matches its current hash when the run it records
+    was trained with exactly the settings the cell asks for now, read back from the run folder
+    (:func:`trained_settings`; its config through the current config classes, which load the
+    values a field added later had before it existed). A change of how the hash is computed, or a
+    new config field whose default reproduces the old behaviour, then costs no re-run; a real
+    change (a default that changes training) still leaves the cell stale. Returns the re-keyed
+    cell keys; each record keeps its old hash under ``rekeyed_from``."""
+    path = results_dir / RESULTS_NAME
+    records = read_results(path)
+    memo: dict[str, str] = {}
+    rekeyed = []
+    for cell in grid.cells():
+        record = records.get(cell.key)
+        digest = cell_hash(grid, cell, memo)
+        if record is None or record.get("hash") == digest or cell.variant.teacher or cell.variant.pretrain:
+            continue  # students and pretrained cells also depend on another run: re-run them
+        recorded = trained_settings(Path(record["run_dir"]))
+        if recorded is not None and same_run_settings(recorded, resolved_settings(grid, cell)):
+            records[cell.key] = {**record, "hash": digest, "rekeyed_from": record["hash"]}
+            rekeyed.append(cell.key)
+    if rekeyed:
+        path.write_text("".join(json.dumps(record) + "\n" for record in records.values()), encoding="utf-8")
+    return rekeyed
 
 
 def run_grid(grid: Grid, work_dir: Path, results_dir: Path, max_cells: int | None = None,
