@@ -21,10 +21,13 @@ def test_flop_counter_counts_the_cpu_attention_kernel() -> None:
     batch, heads, q_len, k_len, dim = 2, 3, 5, 7, 4
     query = torch.randn(batch, heads, q_len, dim, requires_grad=True)
     key, value = torch.randn(batch, heads, k_len, dim), torch.randn(batch, heads, k_len, dim)
+    product = 2 * batch * heads * q_len * k_len * dim  # one (q_len x dim x k_len) product, 2 FLOPs per multiply-add
     with speed.flop_counter() as counter:
-        torch.nn.functional.scaled_dot_product_attention(query, key, value)
-    # Q K^T and weights V: two (q_len x dim x k_len) products, 2 FLOPs per multiply-add.
-    assert counter.get_total_flops() == 2 * (2 * batch * heads * q_len * k_len * dim)
+        output = torch.nn.functional.scaled_dot_product_attention(query, key, value)
+    assert counter.get_total_flops() == 2 * product  # Q K^T and weights V
+    with speed.flop_counter() as counter:
+        output.sum().backward()
+    assert counter.get_total_flops() == 5 * product  # scores recomputed, then the gradients of Q, K, V and the weights
 
 
 def test_speed_run_derives_ratios_and_efficiency_from_its_own_measurements() -> None:
