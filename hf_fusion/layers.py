@@ -256,8 +256,9 @@ def fused_linear(hidden_states: torch.Tensor, projections: tuple[nn.Linear, ...]
     The weights are concatenated on every call rather than stored fused: the parameters, and so
     the checkpoint keys (BART's ``q_proj`` / ``k_proj`` / ``v_proj``), stay exactly as they are,
     and every saved or converted checkpoint loads unchanged. The copy is of the weights only
-    (``3 d^2`` values), against one GEMM instead of three over ``tokens x d`` activations: on the
-    CPU benchmark this made the training step about 7% faster (``benchmarks/results/levers_cpu.md``).
+    (``3 d^2`` values), against one GEMM instead of three over ``tokens x d`` activations: at the
+    CPU benchmark size the training step was about 7% faster (best of 20 interleaved steps, one
+    thread; ``benchmarks/levers.py`` repeats the comparison).
 
     Args:
         hidden_states: (batch, len, d_in).

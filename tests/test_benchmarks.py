@@ -48,6 +48,7 @@ def test_speed_run_derives_ratios_and_efficiency_from_its_own_measurements() -> 
     assert f"| surface_fusion | {rows['surface_fusion']['params_m']:.2f} | {rows['surface_fusion']['train_flops_vs_bart']:.2f} |" in table
 
 
+@pytest.mark.slow  # two fresh interpreters
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
 def test_memory_probe_runs_in_a_fresh_process_and_grows_with_the_batch() -> None:
     small = speed.peak_memory_mb("fusion_transformer", "cpu", "tiny", (2, 8, 8), None)
