@@ -39,7 +39,8 @@ def render(report: dict, source: str) -> str:
             "",
             ("Ratios > 1 are faster than BART; efficiency = speed vs BART x FLOPs vs BART "
             "(`torch.utils.flop_counter`); memory is peak resident memory of training in a fresh process per model. "
-            "See the results page for the method and the notes on each row."),
+            "Method: the results page; what limits each row and how contended this run was: "
+            "`benchmarks/results/speed_notes.md`."),
         ]
     )
 
