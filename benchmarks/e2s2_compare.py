@@ -33,9 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import datasets  # noqa: E402
-import transformers  # noqa: E402
-from transformers import (  # noqa: E402
+import datasets
+import transformers
+from transformers import (
     AutoTokenizer,
     DataCollatorForSeq2Seq,
     PreTrainedModel,
@@ -44,11 +44,11 @@ from transformers import (  # noqa: E402
     set_seed,
 )
 
-from hf_fusion import FusionTransformerConfig, FusionTransformerForConditionalGeneration  # noqa: E402
-from training.corpora import build_default_corpus  # noqa: E402
-from training.e2s2 import E2S2DataCollator, E2S2ForPreTraining, E2S2Trainer  # noqa: E402
-from training.metrics import load_translation_metric  # noqa: E402
-from training.tokenizer import train_tokenizer  # noqa: E402
+from hf_fusion import FusionTransformerConfig, FusionTransformerForConditionalGeneration
+from training.corpora import build_default_corpus
+from training.e2s2 import E2S2DataCollator, E2S2ForPreTraining, E2S2Trainer
+from training.metrics import load_translation_metric
+from training.tokenizer import train_tokenizer
 
 SIZE = dict(
     d_model=96,

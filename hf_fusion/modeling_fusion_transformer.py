@@ -37,7 +37,7 @@ from transformers.utils import can_return_tuple
 from .compat import cache_output, check_forward_kwargs, output_cache, resolve_cache
 from .configuration_fusion_transformer import FusionTransformerConfig
 from .heads import HeadContext
-from .layers import ScaledWordEmbedding, build_position_embedding, causal_mask, embedding_scale, padding_mask
+from .layers import ScaledWordEmbedding, build_position_embedding, causal_mask, embedding_scale, kernel_mask, padding_mask
 from .seams import DEPTH_CONNECTIONS, ENCODER_MEMORIES, OUTPUT_HEADS, OwnInitialisation
 
 
@@ -96,9 +96,10 @@ class FusionTransformerPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["FusionEncoderLayer", "FusionDecoderLayer", "DepthwiseLSTMEncoderLayer", "DepthwiseLSTMDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _keys_to_ignore_on_load_unexpected = [r"embed_positions\.weight"]
+    # Every kernel of the HF attention interface; ``layers.kernel_mask`` gives each its mask form.
     _supports_sdpa = True
-    _supports_flash_attn = False
-    _supports_flex_attn = False
+    _supports_flash_attn = True
+    _supports_flex_attn = True
     # generate(cache_implementation="static") preallocates the self-attention cache; the decoder
     # then receives a 4-D mask over the whole cache (see ``layers.causal_mask``).
     _can_compile_fullgraph = True
@@ -155,6 +156,11 @@ class FusionStack(nn.Module):
         self.connection = spec.connection(config, getattr(config, f"{stack}_layers"))
         self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.add_final_layer_norm else None
 
+    def attention_kernel(self, output_attentions: bool) -> str:
+        """The attention implementation this call's masks are built for: eager when attention
+        weights are asked for (only eager returns them), else the configured one."""
+        return "eager" if output_attentions else self.config._attn_implementation
+
     def embed(self, inputs_embeds: torch.Tensor, past_len: int | torch.Tensor, side: str) -> torch.Tensor:
         """Token embeddings (batch, len, d_model) + positions from ``past_len`` on, then the
         embedding LayerNorm and dropout: the input of the first depth step."""
@@ -200,7 +206,11 @@ class FusionTransformerEncoder(FusionStack):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         hidden_states = self.embed(inputs_embeds, past_len=0, side="source (encoder)")
-        mask = padding_mask(attention_mask)
+        batch, src_len = hidden_states.shape[:2]
+        mask = kernel_mask(
+            self.attention_kernel(output_attentions), padding_mask(attention_mask), attention_mask, batch, src_len, src_len,
+            causal=False, device=hidden_states.device,
+        )
 
         state = self.connection.start(hidden_states)
         layer_states = [self.connection.hidden(state)]
@@ -291,8 +301,18 @@ class FusionTransformerDecoder(FusionStack):
         kv_len = cache.get_mask_sizes(tgt_len, 0)[0] if cache is not None else tgt_len
 
         hidden_states = self.embed(inputs_embeds, past_len, side="target (decoder)")
-        self_mask = causal_mask(tgt_len, past_len, kv_len, attention_mask, inputs_embeds.device)
-        cross_mask = padding_mask(encoder_attention_mask)
+        kernel, batch, device = self.attention_kernel(output_attentions), inputs_embeds.shape[0], inputs_embeds.device
+        self_padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        self_mask = kernel_mask(
+            kernel, causal_mask(tgt_len, past_len, kv_len, attention_mask, device), self_padding, batch, tgt_len, kv_len,
+            causal=True, device=device,
+        )
+        cross_mask = None
+        if encoder_attention_mask is not None:
+            cross_mask = kernel_mask(
+                kernel, padding_mask(encoder_attention_mask), encoder_attention_mask, batch, tgt_len,
+                encoder_attention_mask.shape[-1], causal=False, device=device,
+            )
 
         state = self.connection.start(hidden_states)
         all_hidden = [self.connection.hidden(state)]
