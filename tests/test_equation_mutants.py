@@ -105,7 +105,13 @@ def wrong_log_prob_nll(mistake: str) -> Callable[..., torch.Tensor]:
 )
 def test_label_smoothed_loss_check_rejects(monkeypatch, mistake: str) -> None:
     """Guards tests/test_core.py::test_loss_matches_independent_cross_entropy_with_label_smoothing_and_item_count."""
-    monkeypatch.setattr(hf_fusion.heads, "log_prob_nll", wrong_log_prob_nll(mistake))
+    wrong = wrong_log_prob_nll(mistake)
+    monkeypatch.setattr(hf_fusion.heads, "log_prob_nll", wrong)
+    monkeypatch.setattr(  # the LM head's fused cross-entropy, made of the same wrong pieces
+        hf_fusion.heads,
+        "token_cross_entropy",
+        lambda logits, labels, smoothing=0.0, items=None: wrong(logits.float().log_softmax(-1), labels, smoothing, items),
+    )
     with pytest.raises(AssertionError, match=NOT_CLOSE):
         core_tests.test_loss_matches_independent_cross_entropy_with_label_smoothing_and_item_count()
 
