@@ -368,7 +368,11 @@ def test_a_failed_cell_does_not_stop_the_grid(tmp_path, fake_runner, monkeypatch
 
 # --- the report ------------------------------------------------------------------------------------
 @requires_ding
-def test_report_aggregates_claims_and_fills_the_readme(tmp_path):
+def test_report_aggregates_claims_and_fills_the_readme(tmp_path, monkeypatch):
+    from training.compare import report as report_module
+
+    # The records below are keyed by their cell key: make that the cells' current hash.
+    monkeypatch.setattr(report_module, "cell_hash", lambda grid, cell, memo=None: cell.key)
     grid = load_grid(_write_grid(tmp_path, seeds=[0, 1, 2]))
     results = tmp_path / "results"
     (results / "predictions").mkdir(parents=True)
@@ -408,6 +412,12 @@ def test_report_aggregates_claims_and_fills_the_readme(tmp_path):
     # seed against the baseline.
     assert "| 2, 2, 2 |" in report
     assert report.count("/3 < 0.05)") == 2  # BLEU and chrF columns of the rs row
+
+    # A record made under settings the cell no longer has leaves the claims until it runs again.
+    monkeypatch.setattr(report_module, "cell_hash", lambda grid, cell, memo=None: cell.key + ("x" if cell.seed == 2 else ""))
+    report = write_report(grid, results, readme).read_text()
+    assert "Cells finished: 4 of 6** (2 more recorded under settings the grid has since changed" in report
+    assert f"{2.0:.2f} ± {half:.2f} BLEU" not in report
 
 
 # --- real runs of tiny models (slow) ---------------------------------------------------------------

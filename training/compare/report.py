@@ -24,7 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .grid import REPO_ROOT, Grid
+from .grid import REPO_ROOT, Grid, cell_hash
 from .runner import RESULTS_NAME, read_results
 from .stats import LOWER_IS_BETTER, Interval, mean_interval, verdict
 
@@ -266,9 +266,28 @@ def scale_of(grid: Grid, variant: str, corpus: str, budget: str) -> str:
     )
 
 
+def current_records(grid: Grid, records: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The records made under each cell's current hash, and the keys of the stale ones: a stale
+    record describes a model the cell no longer trains, so it stays out of the claims until the
+    cell has run again."""
+    memo: dict[str, str] = {}
+    current: dict[str, dict[str, Any]] = {}
+    stale = []
+    for cell in grid.cells():
+        record = records.get(cell.key)
+        if record is None:
+            continue
+        if record.get("hash") == cell_hash(grid, cell, memo):
+            current[cell.key] = record
+        else:
+            stale.append(cell.key)
+    return current, stale
+
+
 def write_report(grid: Grid, results_dir: Path, readme: Path | None = None) -> Path:
-    """Write ``report.md`` (and the curves) from the results file; update the README's table."""
-    records = read_results(results_dir / RESULTS_NAME)
+    """Write ``report.md`` (and the curves) from the current records of the results file; update
+    the README's table."""
+    records, stale = current_records(grid, read_results(results_dir / RESULTS_NAME))
     groups = _group(records)
     cache_file = results_dir / BOOTSTRAP_CACHE
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
@@ -286,7 +305,10 @@ def write_report(grid: Grid, results_dir: Path, readme: Path | None = None) -> P
         "",
         grid.description,
         "",
-        (f"**Cells finished: {len(records)} of {total}.** Intervals are 95% t intervals over seeds; a claim's "
+        (f"**Cells finished: {len(records)} of {total}**"
+        + (f" ({len(stale)} more recorded under settings the grid has since changed, waiting to run again: "
+           f"{', '.join(stale)})" if stale else "")
+        + ". Intervals are 95% t intervals over seeds; a claim's "
         "verdict reads the interval of the mean difference paired by seed (reproduced only when the interval "
         "excludes the threshold). Paired bootstrap: sacreBLEU's, 1,000 resamples of the test set, each seed's "
         f"translations against the baseline `{grid.baseline}`'s of the same seed. The bootstrap covers only "
