@@ -19,6 +19,16 @@ from hf_fusion.compat import cache_output, output_cache
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# One model per family, each with the option that exercises its seam (a fusing memory, a sharing
+# schedule with fewer blocks than steps): the families the kernel and compilation tests sweep.
+FAMILIES = {
+    "fusion_transformer": {},
+    "encoder_fusion": {"fusion_mode": "fine_grained"},
+    "surface_fusion": {},
+    "recurrent_stacking": {"sharing_strategy": "cycle", "encoder_unique_layers": 1, "decoder_unique_layers": 1},
+    "depthwise_lstm": {},
+}
+
 # A tiny config: width 16, 2+2 layers, vocab 100 (fast on a CPU, still exercises every path).
 TINY = dict(
     vocab_size=100,

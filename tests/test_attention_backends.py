@@ -15,15 +15,8 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_fusion.layers import kernel_mask
-from tests.helpers import build_tiny, random_batch
+from tests.helpers import FAMILIES, build_tiny, random_batch
 
-FAMILIES = {
-    "fusion_transformer": {},
-    "encoder_fusion": {"fusion_mode": "fine_grained"},
-    "surface_fusion": {},
-    "recurrent_stacking": {"sharing_strategy": "cycle", "encoder_unique_layers": 1, "decoder_unique_layers": 1},
-    "depthwise_lstm": {},
-}
 
 
 def logits_and_cached_generation(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

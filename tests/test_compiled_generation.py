@@ -12,17 +12,10 @@ import pytest
 import torch
 from transformers.generation import CompileConfig
 
-from tests.helpers import build_tiny, random_batch
+from tests.helpers import FAMILIES, build_tiny, random_batch
 
 pytestmark = pytest.mark.slow  # not in make test-fast
 
-FAMILIES = {
-    "fusion_transformer": {},
-    "encoder_fusion": {"fusion_mode": "fine_grained"},
-    "surface_fusion": {},
-    "recurrent_stacking": {"sharing_strategy": "cycle", "encoder_unique_layers": 1, "decoder_unique_layers": 1},
-    "depthwise_lstm": {},
-}
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
