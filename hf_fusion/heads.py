@@ -42,7 +42,14 @@ def log_prob_nll(
     nll = -log_probs.gather(-1, targets).squeeze(-1)
     smooth = -log_probs.mean(dim=-1)
     per_token = ((1.0 - label_smoothing) * nll + label_smoothing * smooth).masked_fill(~keep.to(nll.device), 0.0)
-    total = per_token.sum()
+    return per_target_token(per_token.sum(), keep, num_items_in_batch)
+
+
+def per_target_token(
+    total: torch.Tensor, keep: torch.Tensor, num_items_in_batch: int | torch.Tensor | None
+) -> torch.Tensor:
+    """A summed loss divided by the number of target tokens (``keep``: the labels that count), or
+    by ``num_items_in_batch`` under gradient accumulation."""
     denominator = keep.sum() if num_items_in_batch is None else num_items_in_batch
     if isinstance(denominator, torch.Tensor):
         denominator = denominator.to(total.device)
@@ -71,10 +78,7 @@ def token_cross_entropy(
         logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100, reduction="sum",
         label_smoothing=label_smoothing,
     )
-    denominator = (labels != -100).sum() if num_items_in_batch is None else num_items_in_batch
-    if isinstance(denominator, torch.Tensor):
-        denominator = denominator.to(total.device)
-    return total / denominator
+    return per_target_token(total, labels != -100, num_items_in_batch)
 
 
 # Seam 5: named components of a loss (e.g. SurfaceFusion's ce_tgt / ce_src), still attached to the

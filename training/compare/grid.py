@@ -49,6 +49,8 @@ from typing import Any
 
 import yaml
 
+from hf_fusion.configuration_fusion_transformer import FUSION_DROPOUT_DEFAULTS
+
 GRID_KEYS = (
     "name", "description", "config", "seeds", "corpora", "budgets", "overrides", "baseline", "variants",
     "claims", "analyses", "keep_checkpoints", "extends", "variant_overrides",
@@ -332,7 +334,7 @@ def merged_overrides(grid: Grid, cell: Cell) -> dict[str, Any]:
 SEAM_OPTIONS = {
     "dlstm_": lambda config: config.get("depth_connection") == "depthwise_lstm",
     "surface_fusion_": lambda config: config.get("output_head") == "surface_fusion",
-    "fusion_": lambda config: config.get("encoder_memory") in ("transparent", "fine_grained"),
+    "fusion_": lambda config: config.get("encoder_memory") in FUSION_DROPOUT_DEFAULTS,
 }
 # Bookkeeping a saved config.json carries that is not a setting.
 CONFIG_BOOKKEEPING = {"transformers_version", "architectures", "auto_map", "_name_or_path", "dtype", "torch_dtype"}
