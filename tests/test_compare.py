@@ -340,14 +340,56 @@ def test_runner_skips_finished_resumes_killed_and_reruns_stale(tmp_path, fake_ru
     assert not any((work / "cells").glob("*/checkpoint-*"))
 
 
-def test_one_runner_per_work_folder(tmp_path, fake_runner):
-    from training.errors import OutputDirBusyError
-    from training.pipeline import output_dir_lock
-
+def test_two_runners_share_a_work_folder(tmp_path, fake_runner, monkeypatch):
     grid = load_grid(_write_grid(tmp_path))
-    with output_dir_lock(tmp_path / "work"), pytest.raises(OutputDirBusyError, match="in use by another run"):
-        runner.run_grid(grid, tmp_path / "work", tmp_path / "results")
-    assert fake_runner.commands == []
+    work, results = tmp_path / "work", tmp_path / "results"
+    cells = [(cell, digest) for cell, digest, _ in runner.cell_states(grid, results, work)]
+    held_cell, held_digest = cells[0]
+    # Another runner holds the first cell: this one skips it, without calling it a failure.
+    with runner.file_lock(runner.cell_dir(work, held_cell, held_digest) / runner.CELL_LOCK) as held:
+        assert held
+        written = runner.run_grid(grid, work, results)
+    assert [record["key"] for record in written] == [cell.key for cell, _ in cells[1:]]
+    assert not any(str(runner.cell_dir(work, held_cell, held_digest)) in command for command in fake_runner.commands)
+    # Released (its runner died): the next run takes it.
+    assert [record["key"] for record in runner.run_grid(grid, work, results)] == [held_cell.key]
+
+    # A cell another runner records after this one read the states is not trained again.
+    changed = load_grid(_write_grid(tmp_path, overrides={**grid.overrides, "max_train_samples": 32}))
+    first, second = [(cell, digest) for cell, digest, _ in runner.cell_states(changed, results, work)][:2]
+    original = fake_runner.__call__
+
+    def the_other_runner_records_the_next_cell(command, log):
+        original(command, log)
+        if str(runner.cell_dir(work, *first)) in command:
+            runner.write_record(results / runner.RESULTS_NAME, _fake_measure(changed, second[0], second[1], work, results))
+
+    monkeypatch.setattr(runner, "_run", the_other_runner_records_the_next_cell)
+    written = runner.run_grid(changed, work, results)
+    assert second[0].key not in [record["key"] for record in written]
+    assert len(written) == 3
+    assert {record["hash"] for record in runner.read_results(results / runner.RESULTS_NAME).values()} == {
+        cell_hash(changed, cell) for cell in changed.cells()
+    }
+
+
+def _record_many(path: str, prefix: str, count: int) -> None:
+    for number in range(count):
+        runner.write_record(Path(path), {"key": f"{prefix}{number}", "bleu": float(number)})
+
+
+def test_concurrent_recording_loses_no_record(tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "results.jsonl"
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=_record_many, args=(str(path), prefix, 40)) for prefix in "ab"]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(60)
+        assert writer.exitcode == 0
+    assert sorted(runner.read_results(path)) == sorted(f"{prefix}{number}" for prefix in "ab" for number in range(40))
 
 
 def test_a_failed_cell_does_not_stop_the_grid(tmp_path, fake_runner, monkeypatch):

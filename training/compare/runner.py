@@ -1,4 +1,4 @@
-"""Run the cells of a grid, one at a time, resumably, and record each finished cell.
+"""Run the cells of a grid, resumably, and record each finished cell.
 
 A cell runs as ``python -m training.cli train CONFIG --overrides...`` in its own folder
 ``WORK_DIR/cells/<key>-<hash>``: a subprocess, so a cell is exactly what a user's ``hf-fusion
@@ -16,10 +16,16 @@ forced, no label smoothing), the parameter count, the FLOPs of one optimizer ste
 ``torch.utils.flop_counter``) and the learning curves of the run, and writes the cell's record
 (one JSON line) into the results file. The test predictions are copied next to it, so the paired bootstrap of the report
 needs no work folder.
+
+Several runners may share one work folder (one per free core: each cell trains on one thread):
+each takes a cell by an exclusive lock on the cell's folder and skips the cells another runner
+holds, and the results file is rewritten under its own lock, so no record is lost.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -27,11 +33,20 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .grid import Cell, Grid, cell_hash, merged_overrides, override_tokens, resolved_settings, same_run_settings, trained_settings
+from .grid import (
+    Cell,
+    Grid,
+    cell_hash,
+    merged_overrides,
+    override_tokens,
+    resolved_settings,
+    same_run_settings,
+    trained_settings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +54,9 @@ RESULTS_NAME = "results.jsonl"
 PREDICTIONS_DIR = "predictions"
 # The log keys a learning curve keeps (train loss, validation loss and BLEU).
 CURVE_KEYS = ("loss", "eval_loss", "eval_bleu", "eval_chrf")
+# The lock a runner holds on a cell's folder while it runs it (``hf-fusion train`` inside holds
+# its own ``.lock`` there, for the training run only).
+CELL_LOCK = ".runner.lock"
 
 
 class CellFailed(RuntimeError):
@@ -64,15 +82,46 @@ def read_results(path: Path) -> dict[str, dict[str, Any]]:
     return records
 
 
-def write_record(path: Path, record: dict[str, Any]) -> None:
-    """Replace the record of ``record['key']`` (or add it); the file is rewritten atomically, so a
-    kill never leaves half a line, and kept sorted by key, so its diffs stay small."""
-    records = read_results(path)
-    records[record["key"]] = record
+@contextlib.contextmanager
+def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
+    """Hold an exclusive ``fcntl.flock`` on ``path`` for the body and yield True; with ``wait``
+    off, yield False at once (holding nothing) when another process has it. The kernel drops the
+    lock when its holder dies, even by ``kill -9``, so a killed runner never leaves a cell or the
+    results file locked."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
+    with open(path, "a", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def results_lock(path: Path) -> contextlib.AbstractContextManager[bool]:
+    """The lock under which a results file is read, changed and rewritten: two runners recording at
+    the same moment would otherwise each rewrite the file without the other's record."""
+    return file_lock(path.with_name(path.name + ".lock"))
+
+
+def _rewrite_results(path: Path, records: dict[str, dict[str, Any]]) -> None:
+    """Rewrite the results file atomically (a kill never leaves half a line), sorted by key so its
+    diffs stay small; the caller holds :func:`results_lock`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     temporary.write_text("".join(json.dumps(records[key], sort_keys=True) + "\n" for key in sorted(records)))
     temporary.replace(path)
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    """Replace the record of ``record['key']`` (or add it)."""
+    with results_lock(path):
+        records = read_results(path)
+        records[record["key"]] = record
+        _rewrite_results(path, records)
 
 
 # --- one cell ----------------------------------------------------------------------------------
@@ -345,20 +394,21 @@ def rekey_equivalent(grid: Grid, results_dir: Path) -> list[str]:
     change (a default that changes training) still leaves the cell stale. Returns the re-keyed
     cell keys; each record keeps its old hash under ``rekeyed_from``."""
     path = results_dir / RESULTS_NAME
-    records = read_results(path)
     memo: dict[str, str] = {}
     rekeyed = []
-    for cell in grid.cells():
-        record = records.get(cell.key)
-        digest = cell_hash(grid, cell, memo)
-        if record is None or record.get("hash") == digest or cell.variant.teacher or cell.variant.pretrain:
-            continue  # students and pretrained cells also depend on another run: re-run them
-        recorded = trained_settings(Path(record["run_dir"]))
-        if recorded is not None and same_run_settings(recorded, resolved_settings(grid, cell)):
-            records[cell.key] = {**record, "hash": digest, "rekeyed_from": record["hash"]}
-            rekeyed.append(cell.key)
-    if rekeyed:
-        path.write_text("".join(json.dumps(record) + "\n" for record in records.values()), encoding="utf-8")
+    with results_lock(path):
+        records = read_results(path)
+        for cell in grid.cells():
+            record = records.get(cell.key)
+            digest = cell_hash(grid, cell, memo)
+            if record is None or record.get("hash") == digest or cell.variant.teacher or cell.variant.pretrain:
+                continue  # students and pretrained cells also depend on another run: re-run them
+            recorded = trained_settings(Path(record["run_dir"]))
+            if recorded is not None and same_run_settings(recorded, resolved_settings(grid, cell)):
+                records[cell.key] = {**record, "hash": digest, "rekeyed_from": record["hash"]}
+                rekeyed.append(cell.key)
+        if rekeyed:
+            _rewrite_results(path, records)
     return rekeyed
 
 
@@ -368,19 +418,12 @@ def run_grid(grid: Grid, work_dir: Path, results_dir: Path, max_cells: int | Non
     many), in the grid's order; returns the records written. ``after_cell`` runs after each
     recorded cell (the report); its failure is logged, never fatal to the grid.
 
-    A cell that fails (its training exits non-zero, its teacher is missing) is logged and skipped,
-    so that one broken variant does not hold up a grid that runs for days; the grid then ends
-    with :class:`GridFailures` naming every failed cell and its log.
+    A cell another runner holds is skipped; one it finished after this runner read the states is
+    found recorded once its lock is taken, and skipped too. A cell that fails (its training exits
+    non-zero, its teacher is missing) is logged and skipped, so that one broken variant does not
+    hold up a grid that runs for days; the grid then ends with :class:`GridFailures` naming every
+    failed cell and its log.
     """
-    from ..pipeline import output_dir_lock
-
-    # One runner per work folder: a second one would train the same cells into the same folders.
-    with output_dir_lock(work_dir):
-        return _run_cells(grid, work_dir, results_dir, max_cells, only, after_cell)
-
-
-def _run_cells(grid: Grid, work_dir: Path, results_dir: Path, max_cells: int | None, only: list[str] | None,
-               after_cell: Callable[[], Any] | None) -> list[dict[str, Any]]:
     states = cell_states(grid, results_dir, work_dir)
     hashes = {cell.key: digest for cell, digest, _ in states}
     written: list[dict[str, Any]] = []
@@ -390,14 +433,20 @@ def _run_cells(grid: Grid, work_dir: Path, results_dir: Path, max_cells: int | N
             continue
         if max_cells is not None and len(written) + len(failures) >= max_cells:
             break
-        if state == "stale":
-            logger.info("%s is stale (its settings changed since it was recorded): running it again", cell.key)
-        try:
-            written.append(run_cell(grid, cell, digest, work_dir, results_dir, hashes))
-        except CellFailed as error:
-            logger.error("%s failed, going on with the next cell: %s", cell.key, error)
-            failures.append(f"{cell.key}: {error}")
-            continue
+        with file_lock(cell_dir(work_dir, cell, digest) / CELL_LOCK, wait=False) as mine:
+            if not mine:
+                logger.info("%s is being run by another runner: skipped", cell.key)
+                continue
+            if read_results(results_dir / RESULTS_NAME).get(cell.key, {}).get("hash") == digest:
+                continue  # another runner finished it meanwhile
+            if state == "stale":
+                logger.info("%s is stale (its settings changed since it was recorded): running it again", cell.key)
+            try:
+                written.append(run_cell(grid, cell, digest, work_dir, results_dir, hashes))
+            except CellFailed as error:
+                logger.error("%s failed, going on with the next cell: %s", cell.key, error)
+                failures.append(f"{cell.key}: {error}")
+                continue
         logger.info("Recorded %s: BLEU %.2f", cell.key, written[-1]["bleu"])
         if after_cell is not None:
             try:
