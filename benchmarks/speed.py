@@ -138,8 +138,9 @@ def time_train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, b
     return statistics.median(wall), statistics.median(cpu), min(wall)
 
 
-def generate(model: torch.nn.Module, batch: dict, mode: str, new_tokens: int) -> torch.Tensor:
-    """``generate`` with a forced output length (min = max new tokens), no sampling."""
+def generate(model: torch.nn.Module, batch: dict, mode: str, new_tokens: int, **extra) -> torch.Tensor:
+    """``generate`` with a forced output length (min = max new tokens), no sampling; ``extra``
+    goes to ``generate`` as well (e.g. a static cache and a compiled decoding step)."""
     return model.generate(
         batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -147,16 +148,17 @@ def generate(model: torch.nn.Module, batch: dict, mode: str, new_tokens: int) ->
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         **GENERATION_MODES[mode],
+        **extra,
     )
 
 
 @torch.no_grad()
-def generation_tokens_per_s(model: torch.nn.Module, batch: dict, mode: str, new_tokens: int, device: str) -> float:
+def generation_tokens_per_s(model: torch.nn.Module, batch: dict, mode: str, new_tokens: int, device: str, **extra) -> float:
     """Generated tokens per second: batch x new_tokens / wall time."""
     model.eval()
     sync(device)
     start = time.perf_counter()
-    out = generate(model, batch, mode, new_tokens)
+    out = generate(model, batch, mode, new_tokens, **extra)
     sync(device)
     elapsed = time.perf_counter() - start
     if out.shape[1] < new_tokens:

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks import readme_table, speed
+from benchmarks import levers, readme_table, speed
 from tests.helpers import REPO_ROOT
 
 
@@ -46,6 +46,38 @@ def test_speed_run_derives_ratios_and_efficiency_from_its_own_measurements() -> 
     assert len(report["meta"]["load_before"]) == 3 and len(report["meta"]["load_per_round"]) == 1
     table = speed.speed_table(report)
     assert f"| surface_fusion | {rows['surface_fusion']['params_m']:.2f} | {rows['surface_fusion']['train_flops_vs_bart']:.2f} |" in table
+
+
+@pytest.mark.parametrize("name", [name for name, lever in levers.LEVERS.items() if not lever.compiled_measures])
+def test_a_code_path_lever_switches_paths_that_compute_the_same_loss(name) -> None:
+    """A lever is only a fair A/B when both paths compute the same thing; and the patch must
+    really switch the path (the off path runs a different set of operators)."""
+    lever = levers.LEVERS[name]
+    model = speed.build("fusion_transformer", speed.SIZES["tiny"]).eval()
+    batch = speed.make_batch(speed.SIZES["tiny"]["vocab_size"], 3, 7, 5, "cpu")
+    losses, operators = {}, {}
+    for path in ("off", "on"):
+        with getattr(lever, path)(), torch.no_grad(), torch.profiler.profile() as profile:
+            losses[path] = model(**batch).loss
+        operators[path] = {event.key for event in profile.key_averages()}
+    torch.testing.assert_close(losses["on"], losses["off"], rtol=1e-5, atol=1e-6)
+    assert operators["on"] != operators["off"]
+
+
+def test_levers_report_gains_and_ratios_to_bart_from_their_own_samples() -> None:
+    result = levers.measure_lever("fused_qkv", rounds=1, batch_args=(2, 6, 5), new_tokens=2, size_name="tiny")
+    for key in ("train_step_s", "greedy_tok_s", "beam4_tok_s"):
+        for stat in ("best", "median"):
+            on, off, bart = (result[f"{key}_{path}_{stat}"] for path in ("on", "off", "bart"))
+            if key == "train_step_s":  # seconds: a smaller time is a gain
+                on, off, bart = 1 / on, 1 / off, 1 / bart
+            assert result[f"{key}_gain_{stat}"] == pytest.approx(on / off)
+            assert result[f"{key}_on_vs_bart_{stat}"] == pytest.approx(on / bart)
+    assert result["first_call"] == {}  # nothing compiles
+    compile_cost = levers._compilation_cost("greedy_tok_s", 2.0, {"greedy_tok_s_on_median": 20.0,
+                                                                  "greedy_tok_s_off_median": 10.0}, tokens=10)
+    # 10 tokens at 2 tok/s = 5 s first call; typical on 0.5 s, off 1 s: 4.5 s of compilation, 9 calls.
+    assert compile_cost == {"compile_s": 4.5, "calls_to_pay_off": 9}
 
 
 @pytest.mark.slow  # two fresh interpreters
