@@ -276,6 +276,10 @@ def test_rekey_keeps_a_run_trained_with_the_current_settings_and_no_other(tmp_pa
     assert recorded[second.key]["hash"] == "outdated"
     states = {cell.key: state for cell, _, state in runner.cell_states(grid, results_dir, tmp_path / "work")}
     assert states[first.key] == "done" and states[second.key] == "stale"
+    # A student of the re-keyed cell finds it in the folder it was trained in, not under its new hash.
+    assert runner.finished_dir(tmp_path / "work", results_dir, first, cell_hash(grid, first)) == tmp_path / "runs" / first.slug
+    assert runner.finished_dir(tmp_path / "work", results_dir, second, cell_hash(grid, second)) == runner.cell_dir(
+        tmp_path / "work", second, cell_hash(grid, second))
 
 
 # --- the runner, with the training replaced by a fake ------------------------------------------

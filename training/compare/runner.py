@@ -277,6 +277,15 @@ def _pretrained_model(grid: Grid, cell: Cell, run_dir: Path) -> list[str]:
     return ["--model_name_or_path", str(final)]
 
 
+def finished_dir(work_dir: Path, results_dir: Path, cell: Cell, digest: str) -> Path:
+    """The folder a cell was trained in: its record's ``run_dir`` when it is recorded under
+    ``digest`` (a re-keyed cell stays in the folder named by its old hash), else its own folder."""
+    record = read_results(results_dir / RESULTS_NAME).get(cell.key)
+    if record is not None and record.get("hash") == digest and record.get("run_dir"):
+        return Path(record["run_dir"])
+    return cell_dir(work_dir, cell, digest)
+
+
 def run_cell(grid: Grid, cell: Cell, digest: str, work_dir: Path, results_dir: Path,
              hashes: dict[str, str]) -> dict[str, Any]:
     """Train (or resume) one cell, measure it, record it; returns its record."""
@@ -287,7 +296,7 @@ def run_cell(grid: Grid, cell: Cell, digest: str, work_dir: Path, results_dir: P
     extra: list[str] = []
     if cell.variant.teacher:
         teacher = grid.cell(cell.variant.teacher, cell.seed, cell.corpus, cell.budget)
-        teacher_final = cell_dir(work_dir, teacher, hashes[teacher.key]) / "final"
+        teacher_final = finished_dir(work_dir, results_dir, teacher, hashes[teacher.key]) / "final"
         if not (teacher_final / "config.json").is_file():
             raise CellFailed(f"{cell.key} needs its teacher {teacher.key}, which has not finished ({teacher_final}).")
         extra += _teacher_extra(grid, cell, run_dir, work_dir, teacher_final)
