@@ -201,7 +201,7 @@ def test_effects_and_intervals_match_an_independent_computation(tiny_grid, token
         assert cached["bleu_sentences"] == 3 and cached["loss_sentences"] == len(SOURCES)
     # Without a BLEU subset the ablation's own losses are the whole split's: the same numbers.
     whole = analyses.measure_layer_masking([work / "cells" / "fine_grained__ding__s4__seed2" / "final"],
-                                           {"bleu_sentences": None, "batch_size": 32}, "ding", {})
+                                           {"bleu_sentences": None, "batch_size": 32}, "ding", [{}])
     assert [entry["delta_loss"] for entry in whole["rows"]] == pytest.approx(
         [entry["delta_loss"] for entry in cached["rows"]], abs=1e-6)
     assert whole["bleu_sentences"] == len(SOURCES)
@@ -236,6 +236,7 @@ def test_effects_and_intervals_match_an_independent_computation(tiny_grid, token
               for seed in SEEDS]
     assert rows["faster"].intervals["sentences_per_s"].mean == pytest.approx(float(np.mean(ratios)))
     assert row_result(rows["faster"], 0)["num_beams"] == 1 and row_result(rows["faster"], 0)["a"]["sentences"] == 2
+    assert row_result(rows["faster"], 0)["flops_per_step"] == [1e9, 1e9]
 
 
 def row_result(row, seed: int) -> dict:

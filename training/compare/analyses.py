@@ -79,13 +79,15 @@ def final_folder(record: dict[str, Any], work_dir: Path | None) -> Path:
 
 
 # --- the measurements (one seed each; JSON-able results) ----------------------------------------
-def measure_fusion_weights(folders: list[Path], settings: dict[str, Any], corpus: str, record: dict) -> dict:
+def measure_fusion_weights(folders: list[Path], settings: dict[str, Any], corpus: str, records: list[dict]) -> dict:
+    """The model's fusion weights (decoder layer x encoder layer); the effects and the seed mean
+    are taken from them at report time, so another ``upper_layers`` needs no model."""
     from hf_fusion.analysis.fusion_weights import summarize_fusion_weights
 
     return {"weights": summarize_fusion_weights([folders[0]]).mean.tolist()}
 
 
-def measure_layer_masking(folders: list[Path], settings: dict[str, Any], corpus: str, record: dict) -> dict:
+def measure_layer_masking(folders: list[Path], settings: dict[str, Any], corpus: str, records: list[dict]) -> dict:
     """The library's ablation on the BLEU sample, plus the NLL of every setting on the whole
     test split (teacher forcing is cheap; greedy decoding is what a subset saves)."""
     from hf_fusion.analysis.common import encode_sample, load_checkpoint, read_sample, token_nll
@@ -112,19 +114,24 @@ def measure_layer_masking(folders: list[Path], settings: dict[str, Any], corpus:
 _LEXICONS: dict[str | None, list[tuple[str, str]]] = {}
 
 
-def measure_embedding_similarity(folders: list[Path], settings: dict[str, Any], corpus: str, record: dict) -> dict:
+def measure_embedding_similarity(folders: list[Path], settings: dict[str, Any], corpus: str,
+                                 records: list[dict]) -> dict:
+    """Both models' similarity measures on the same lexicon pairs (those usable with both
+    vocabularies), so their difference compares like with like."""
     from hf_fusion.analysis.common import load_checkpoint
     from hf_fusion.analysis.embedding_similarity import compare_embedding_similarity, ding_lexicon, read_tsv_lexicon
 
     source = settings["lexicon"]
     if source not in _LEXICONS:  # the Ding dictionary takes seconds to read: once per process
-        _LEXICONS[source] = read_tsv_lexicon(source) if source else ding_lexicon()
+        _LEXICONS[source] = read_tsv_lexicon(REPO_ROOT / source) if source else ding_lexicon()
     models = [(str(folder), *load_checkpoint(folder)) for folder in folders]
     rows, kept = compare_embedding_similarity(models, _LEXICONS[source])
     return {"a": rows[0], "b": rows[1], "pairs": len(kept)}
 
 
-def measure_decoding_speed(folders: list[Path], settings: dict[str, Any], corpus: str, record: dict) -> dict:
+def measure_decoding_speed(folders: list[Path], settings: dict[str, Any], corpus: str, records: list[dict]) -> dict:
+    """Both models timed in the same interleaved rounds (a slow period of a shared machine hits
+    both), with the cells' training FLOPs per step, which say whether a step costs the same."""
     import torch
 
     from hf_fusion.analysis.common import load_checkpoint, read_sample
@@ -132,13 +139,14 @@ def measure_decoding_speed(folders: list[Path], settings: dict[str, Any], corpus
 
     decoders = [Decoder(str(folder), *load_checkpoint(folder)) for folder in folders]
     sample = read_sample(corpus=corpus, max_sentences=settings["sentences"])
-    beams = settings["num_beams"] or record.get("num_beams") or 4
+    beams = settings["num_beams"] or records[0].get("num_beams") or 4  # 4: the decoding analysis' default
     rows = compare_decoding_speed(decoders, sample.sources, settings["batch_size"], beams,
                                   settings["max_length"], settings["rounds"])
-    return {"a": rows[0], "b": rows[1], "num_beams": beams, "threads": torch.get_num_threads()}
+    return {"a": rows[0], "b": rows[1], "num_beams": beams, "threads": torch.get_num_threads(),
+            "flops_per_step": [record.get("flops_per_step") for record in records]}
 
 
-MEASURE: dict[str, Callable[[list[Path], dict[str, Any], str, dict], dict]] = {
+MEASURE: dict[str, Callable[[list[Path], dict[str, Any], str, list[dict]], dict]] = {
     "fusion_weights": measure_fusion_weights,
     "layer_masking": measure_layer_masking,
     "embedding_similarity": measure_embedding_similarity,
@@ -247,7 +255,7 @@ def run_analyses(grid: Grid, groups: dict, results_dir: Path, work_dir: Path | N
                         log(f"{analysis.id} seed {seed}: no exported model at {', '.join(missing)}; skipped")
                         continue
                     log(f"{analysis.id} ({corpus}, {budget.name}) seed {seed}: running {analysis.kind}")
-                    result = MEASURE[analysis.kind](folders, analysis.settings, corpus, records[0])
+                    result = MEASURE[analysis.kind](folders, analysis.settings, corpus, records)
                     _store(results_dir, key, result)
                     computed.append(key)
     return computed
@@ -339,8 +347,10 @@ def _scope(row: AnalysisRow) -> str:
     if row.analysis.kind == "embedding_similarity":
         return f"{first['pairs']} lexicon pairs"
     if row.analysis.kind == "decoding_speed":
+        flops = first.get("flops_per_step") or [None, None]
+        same = (f"training FLOPs per step a/b {flops[0] / flops[1]:.2f}" if all(flops) else "FLOPs per step not recorded")
         return (f"{first['a']['sentences']} sentences, beam {first['num_beams']}, {first['threads']} thread(s); "
-                "same decoding FLOPs per step")
+                f"{first['a']['parameters']:,} vs {first['b']['parameters']:,} parameters; {same}")
     upper = upper_rows(row.analysis, len(first["weights"]))
     return f"top {upper} of {len(first['weights'])} decoder layers"
 
