@@ -239,6 +239,19 @@ def test_effects_and_intervals_match_an_independent_computation(tiny_grid, token
     assert row_result(rows["faster"], 0)["flops_per_step"] == [1e9, 1e9]
 
 
+def test_masking_effects_compare_x0_with_the_worst_other_layer(tmp_path):
+    """X0's harm minus the largest harm of another layer, for the NLL (an increase) and BLEU (a
+    drop), on hand-made rows where the worst other layer differs between the two metrics."""
+    grid = load_grid(_grid_file(tmp_path, [ANALYSES[1]]))
+    deltas = {"X^0 (embedding)": (0.05, -0.4), "X^1": (0.08, -0.1), "X^2": (0.01, -0.9), "X^3": (-0.02, 0.3)}
+    rows = [{"masked": "none", "delta_loss": 0.0, "delta_bleu": 0.0}] + [
+        {"masked": name, "delta_loss": loss, "delta_bleu": bleu} for name, (loss, bleu) in deltas.items()]
+    effects = analyses.layer_masking_effects(grid.analyses[0], {"rows": rows})
+    others = [value for name, value in deltas.items() if name != "X^0 (embedding)"]
+    assert effects["loss"] == pytest.approx(0.05 - max(loss for loss, _ in others))  # 0.05 - 0.08 (X^1)
+    assert effects["bleu"] == pytest.approx(0.4 - max(-bleu for _, bleu in others))  # 0.4 - 0.9 (X^2)
+
+
 def row_result(row, seed: int) -> dict:
     return row.results[seed]
 

@@ -176,7 +176,8 @@ def layer_masking_effects(analysis: Analysis, result: dict) -> dict[str, float]:
     x0 = masked.pop(MASKED_X0)
     return {
         "loss": x0["delta_loss"] - max(row["delta_loss"] for row in masked.values()),
-        "bleu": max(row["delta_bleu"] for row in masked.values()) - x0["delta_bleu"],
+        # drops are -delta_bleu: X0's drop minus the largest drop of another layer
+        "bleu": min(row["delta_bleu"] for row in masked.values()) - x0["delta_bleu"],
     }
 
 
