@@ -477,7 +477,7 @@ def test_a_tiny_grid_trains_resumes_transfers_and_distills(tmp_path):
          "transfer": {"teacher": "vanilla"}, "distill": {"teacher": "vanilla", "num_beams": 2}},
         {"name": "e2s2", "model_type": "fusion_transformer", "pretrain": {"objective": "e2s2", "max_steps": 2, "batch_size": 8}},
     ]
-    path = _write_grid(tmp_path, seeds=[0], variants=variants, claims=[],
+    path = _write_grid(tmp_path, seeds=[0], variants=variants, claims=[], analyses=[],
                        keep_checkpoints=["rs_transfer_kd"])
     work, results = tmp_path / "work", tmp_path / "results"
     command = [sys.executable, "-m", "training.cli", "compare", str(path), "--work_dir", str(work),

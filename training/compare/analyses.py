@@ -209,7 +209,7 @@ def seed_detail(analysis: Analysis, result: dict) -> str:
         deltas = ", ".join(f"{row['delta_loss']:+.4f}" for row in masked)
         x0 = next(row for row in masked if row["masked"] == MASKED_X0)
         return (f"NLL {result['rows'][0]['loss']:.3f}; Δ NLL masking X0..X{len(masked) - 1}: {deltas}; "
-                f"hurts most: {worst['masked']}; Δ BLEU of X0 {x0['delta_bleu']:+.2f}")
+                f"hurts most: {worst['masked']}; Δ BLEU of X0 {x0['delta_bleu']:+.3f}")
     if analysis.kind == "embedding_similarity":
         return (f"gap {result['a']['gap']:.4f} vs {result['b']['gap']:.4f}, aligned cos {result['a']['aligned_cos']:.3f} "
                 f"vs {result['b']['aligned_cos']:.3f}, P@1 {result['a']['p_at_1']:.3f} vs {result['b']['p_at_1']:.3f}; "
