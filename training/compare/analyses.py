@@ -80,8 +80,8 @@ def final_folder(record: dict[str, Any], work_dir: Path | None) -> Path:
 
 # --- the measurements (one seed each; JSON-able results) ----------------------------------------
 def measure_fusion_weights(folders: list[Path], settings: dict[str, Any], corpus: str, records: list[dict]) -> dict:
-    """The model's fusion weights (decoder layer x encoder layer); the effects and the seed mean
-    are taken from them at report time, so another ``upper_layers`` needs no model."""
+    """The model's fusion weights (decoder layer x encoder layer), all the report needs: the
+    effects and the seed-mean heatmap are computed from them when it is written."""
     from hf_fusion.analysis.fusion_weights import summarize_fusion_weights
 
     return {"weights": summarize_fusion_weights([folders[0]]).mean.tolist()}
@@ -233,7 +233,9 @@ def _store(results_dir: Path, key: str, result: dict) -> None:
     with file_lock(path.with_name(path.name + ".lock")):
         cache = read_cache(results_dir)
         cache[key] = result
-        path.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # replaced whole: a kill leaves no half file
+        temporary.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
+        temporary.replace(path)
 
 
 def run_analyses(grid: Grid, groups: dict, results_dir: Path, work_dir: Path | None,
