@@ -162,7 +162,8 @@ def _write_grid(tmp_path: Path, **changes) -> Path:
         ],
         "claims": [{"id": "rs_vs_vanilla", "paper": "P", "claim": "rs beats vanilla", "kind": "greater",
                     "a": "rs", "b": "vanilla", "metric": "bleu"}],
-        "analyses": [{"paper": "P", "claim": "heatmaps", "needs": "an analysis"}],
+        "analyses": [{"id": "speed", "paper": "P", "claim": "rs decodes faster", "kind": "decoding_speed",
+                      "a": "rs", "b": "vanilla"}],
     }
     spec.update(changes)
     path = tmp_path / "grid.yaml"
@@ -447,7 +448,7 @@ def test_report_aggregates_claims_and_fills_the_readme(tmp_path, monkeypatch):
     assert f"{2.0:.2f} ± {half:.2f} BLEU" in report
     assert "reproduced" in report  # 2.0 - 1.24 > 0
     assert f"{np.mean(scores['vanilla']):.2f} ± " in report
-    assert "| P | heatmaps | | needs an analysis | pending | |" in report
+    assert "| P | rs decodes faster |  | pending: seeds 0, 1, 2 not analysed yet" in report  # no --analyses run
     assert "Cells finished: 6 of 6" in report
     assert (results / "curves_rs_vs_vanilla_ding_s4.png").stat().st_size > 1000
     text = readme.read_text()
@@ -480,7 +481,7 @@ def test_a_tiny_grid_trains_resumes_transfers_and_distills(tmp_path):
          "transfer": {"teacher": "vanilla"}, "distill": {"teacher": "vanilla", "num_beams": 2}},
         {"name": "e2s2", "model_type": "fusion_transformer", "pretrain": {"objective": "e2s2", "max_steps": 2, "batch_size": 8}},
     ]
-    path = _write_grid(tmp_path, seeds=[0], variants=variants, claims=[],
+    path = _write_grid(tmp_path, seeds=[0], variants=variants, claims=[], analyses=[],
                        keep_checkpoints=["rs_transfer_kd"])
     work, results = tmp_path / "work", tmp_path / "results"
     command = [sys.executable, "-m", "training.cli", "compare", str(path), "--work_dir", str(work),

@@ -4,11 +4,15 @@
     hf-fusion compare GRID.yaml --status        # what is done, stale, partial, to do
     hf-fusion compare GRID.yaml --report_only   # rewrite the report (and README table) from the results
     hf-fusion compare GRID.yaml --rekey         # keep recorded runs that match the current settings exactly
+    hf-fusion compare GRID.yaml --analyses      # analyse the finished cells' models (cached), then report
 
 The grid (``training/compare/grid.py``) names variants, seeds, corpora and budgets; every cell is
 an ordinary ``hf-fusion train`` run (``training/compare/runner.py``); the results accumulate in
 ``RESULTS_DIR/results.jsonl`` and the report (``training/compare/report.py``) is regenerated from
-it after every cell. ``docs/evidence.md`` describes the method.
+it after every cell. ``--analyses`` runs the grid's analyses (``training/compare/analyses.py``) on
+the exported models of the cells that are done, trains nothing, and rewrites the report; it is a
+step of its own so that a runner's report after each cell stays quick. ``docs/evidence.md``
+describes the method.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rekey", action="store_true",
                         help="re-key recorded cells whose run was trained with exactly the current settings "
                         "(checked from the run folder), then list the states; run nothing")
+    parser.add_argument("--analyses", action="store_true",
+                        help="run the grid's analyses on the finished cells' exported models (in --work_dir) that "
+                        "are not cached yet, then rewrite the report; train nothing")
     parser.add_argument("--readme", default=None,
                         help="README whose claims table (between its markers) the report fills; default: none")
     return parser
@@ -76,7 +83,15 @@ def main(argv: list[str]) -> int:
         counts = Counter(state for _, _, state in states)
         print(", ".join(f"{count} {state}" for state, count in sorted(counts.items())))
         return 0
-    if not args.report_only:
+    if args.analyses:
+        from .analyses import run_analyses
+        from .report import current_records, group_records
+        from .runner import RESULTS_NAME, read_results
+
+        records, _ = current_records(grid, read_results(results_dir / RESULTS_NAME))
+        computed = run_analyses(grid, group_records(records), results_dir, work_dir)
+        print(f"Analyses: {len(computed)} measurement(s) computed, the others cached or waiting for their cells.")
+    elif not args.report_only:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         logger.setLevel(logging.INFO)
         logging.getLogger("training.compare.runner").setLevel(logging.INFO)

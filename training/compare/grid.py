@@ -30,7 +30,9 @@ The YAML format (``benchmarks/grids/*.yaml`` are the shipped grids)::
       - {name: rs_kd, model_type: recurrent_stacking, distill: {teacher: vanilla}}
       - {name: e2s2, model_type: fusion_transformer, pretrain: {objective: e2s2, max_steps: 300}}
     claims: [...]                         # see training/compare/report.py
-    analyses: [...]                       # rows whose analysis is not run by this tool (pending)
+    analyses:                             # analyses of the trained models (training/compare/analyses.py)
+      - {id: x0_upper, paper: P, claim: ..., kind: fusion_weights, variant: fine_grained}
+      - {id: closer, paper: P, claim: ..., kind: embedding_similarity, a: surface_fusion, b: vanilla}
 
 A grid may start from another (``extends: cpu_claims.yaml``, relative to the file): its own keys
 replace the base's, and ``variant_overrides: {variant: {key: value}}`` changes the overrides of
@@ -51,6 +53,8 @@ import yaml
 
 from hf_fusion.configuration_fusion_transformer import FUSION_DROPOUT_DEFAULTS
 
+from .stats import CLAIM_KINDS
+
 GRID_KEYS = (
     "name", "description", "config", "seeds", "corpora", "budgets", "overrides", "baseline", "variants",
     "claims", "analyses", "keep_checkpoints", "extends", "variant_overrides",
@@ -60,6 +64,8 @@ TRANSFER_KEYS = ("teacher", "block_source")
 DISTILL_KEYS = ("teacher", "num_beams", "batch_size")
 PRETRAIN_KEYS = ("objective", "max_steps", "batch_size", "learning_rate")
 PRETRAIN_OBJECTIVES = ("e2s2", "bart")
+ANALYSIS_KEYS = ("id", "paper", "claim", "paper_number", "kind", "variant", "a", "b", "metric", "rule", "margin",
+                 "settings")
 # Arguments that say where a run writes, not what it computes: left out of the cell's hash.
 NOT_HASHED = {
     "output_dir", "export_dir", "logging_dir", "run_name", "resume_from_checkpoint", "hub_token", "hub_model_id",
@@ -72,6 +78,64 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 class GridError(ValueError):
     """A grid file that cannot be run: the message names the field and the allowed values."""
+
+
+@dataclass(frozen=True)
+class AnalysisKind:
+    """What an analysis kind reads and reports, for the grid's checks (the computation is in
+    ``training/compare/analyses.py``).
+
+    ``roles``: the variant fields an entry names, ``("variant",)`` for an analysis of one model
+    per seed or ``("a", "b")`` for one that pairs two variants' models of the same seed.
+    ``metrics``: the per-seed effects it can test, the first the default; a claim holds when the
+    effect is above ``null`` (0 for a difference, 1 for a ratio). ``settings``: the measurement
+    options with their defaults (``None``: the analysis' own default), all in the cache key.
+    """
+
+    roles: tuple[str, ...]
+    metrics: tuple[str, ...]
+    settings: dict[str, Any]
+    ratio: bool = False
+
+    @property
+    def null(self) -> float:
+        return 1.0 if self.ratio else 0.0
+
+
+ANALYSIS_KINDS = {
+    "fusion_weights": AnalysisKind(("variant",), ("x0_margin", "x0_upper_minus_lower"), {"upper_layers": None}),
+    "layer_masking": AnalysisKind(("variant",), ("loss", "bleu"), {"bleu_sentences": None, "batch_size": 32}),
+    "embedding_similarity": AnalysisKind(("a", "b"), ("gap", "aligned_cos", "p_at_1"), {"lexicon": None}),
+    "decoding_speed": AnalysisKind(
+        ("a", "b"), ("sentences_per_s", "tokens_per_s"),
+        {"sentences": 200, "num_beams": None, "batch_size": 32, "rounds": 3, "max_length": 128}, ratio=True,
+    ),
+}
+# The type of each setting whose default is None (the others take their default's type). None
+# means: the top half of the decoder (upper_layers), every test sentence (bleu_sentences), the
+# Ding dictionary (lexicon), the beam the cells were evaluated with (num_beams).
+ANALYSIS_SETTING_TYPES = {"upper_layers": int, "bleu_sentences": int, "lexicon": str, "num_beams": int}
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """One analysis row of the grid: a claim about trained models, tested per seed.
+
+    ``variants`` are the variants it reads (one, or the pair ``a``, ``b``); ``metric`` the
+    per-seed effect the verdict reads, with ``rule`` and ``margin`` as a claim's kind and margin
+    (``training/compare/stats.py``); ``settings`` the measurement options, defaults filled in.
+    """
+
+    id: str
+    kind: str
+    paper: str
+    claim: str
+    variants: tuple[str, ...]
+    metric: str
+    rule: str = "greater"
+    margin: float = 0.0
+    paper_number: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -136,7 +200,7 @@ class Grid:
     baseline: str
     variants: list[Variant]
     claims: list[dict[str, Any]] = field(default_factory=list)
-    analyses: list[dict[str, Any]] = field(default_factory=list)
+    analyses: list[Analysis] = field(default_factory=list)
     keep_checkpoints: list[str] = field(default_factory=list)
     description: str = ""
     path: Path | None = None
@@ -280,7 +344,7 @@ def load_grid(path: str | Path) -> Grid:
         baseline=str(raw["baseline"]),
         variants=variants,
         claims=list(raw.get("claims") or []),
-        analyses=list(raw.get("analyses") or []),
+        analyses=[],
         keep_checkpoints=list(raw.get("keep_checkpoints") or []),
         description=str(raw.get("description", "")),
         path=path,
@@ -288,7 +352,61 @@ def load_grid(path: str | Path) -> Grid:
     grid.variant(grid.baseline)  # the baseline must be a variant
     for name in grid.keep_checkpoints:
         grid.variant(name)
+    grid.analyses = _parse_analyses(raw.get("analyses") or [], grid, path)
     return grid
+
+
+def _parse_analyses(entries: Any, grid: Grid, path: Path) -> list[Analysis]:
+    """The ``analyses:`` entries, checked: a unique ``id``, a known ``kind``, the variant fields
+    of that kind naming variants, a metric, rule and settings the kind allows."""
+    if not isinstance(entries, list):
+        raise GridError(f"{path}: analyses must be a list of mappings, not {type(entries).__name__}.")
+    analyses: list[Analysis] = []
+    for entry in entries:
+        where = f"{path}: analysis {entry.get('id', '?') if isinstance(entry, dict) else '?'!r}"
+        entry = _check_keys(entry, ANALYSIS_KEYS, where)
+        for required in ("id", "paper", "claim", "kind"):
+            if not entry.get(required):
+                raise GridError(f"{where}: the field {required!r} is required.")
+        if any(analysis.id == entry["id"] for analysis in analyses):
+            raise GridError(f"{where}: the id appears twice.")
+        kind = ANALYSIS_KINDS.get(entry["kind"])
+        if kind is None:
+            raise GridError(f"{where}: kind = {entry['kind']!r} is not supported; allowed: {', '.join(ANALYSIS_KINDS)}.")
+        for role in ("variant", "a", "b"):
+            if role in kind.roles and role not in entry:
+                raise GridError(f"{where}: kind {entry['kind']!r} needs {' and '.join(kind.roles)} (variant names).")
+            if role not in kind.roles and role in entry:
+                raise GridError(f"{where}: kind {entry['kind']!r} takes {' and '.join(kind.roles)}, not {role!r}.")
+        variants = tuple(str(entry[role]) for role in kind.roles)
+        for role, name in zip(kind.roles, variants):
+            if name not in [variant.name for variant in grid.variants]:
+                raise GridError(f"{where}: {role} = {name!r} is not a variant; variants: "
+                                f"{', '.join(variant.name for variant in grid.variants)}.")
+        metric = entry.get("metric", kind.metrics[0])
+        if metric not in kind.metrics:
+            raise GridError(f"{where}: metric = {metric!r} is not one of kind {entry['kind']!r}'s; allowed: "
+                            f"{', '.join(kind.metrics)}.")
+        rule = entry.get("rule", "greater")
+        if rule not in CLAIM_KINDS:
+            raise GridError(f"{where}: rule = {rule!r} is not supported; allowed: {', '.join(CLAIM_KINDS)}.")
+        margin = entry.get("margin", 0.0)
+        if not isinstance(margin, (int, float)) or isinstance(margin, bool) or margin < 0:
+            raise GridError(f"{where}: margin must be a number >= 0, got {margin!r}.")
+        settings = dict(kind.settings)
+        for name, value in _check_keys(entry.get("settings") or {}, tuple(kind.settings), f"{where} settings").items():
+            wanted = ANALYSIS_SETTING_TYPES.get(name) or type(kind.settings[name])
+            if value is not None and (not isinstance(value, wanted) or isinstance(value, bool)
+                                      or (wanted is int and value < 1)):
+                raise GridError(f"{where}: settings.{name} = {value!r} must be "
+                                f"{'an integer >= 1' if wanted is int else 'a ' + wanted.__name__} or null.")
+            settings[name] = value
+        analyses.append(Analysis(
+            id=str(entry["id"]), kind=str(entry["kind"]), paper=str(entry["paper"]), claim=str(entry["claim"]),
+            variants=variants, metric=metric, rule=rule, margin=float(margin),
+            paper_number=str(entry.get("paper_number", "")), settings=settings,
+        ))
+    return analyses
 
 
 # --- a cell as an `hf-fusion train` command line ---------------------------------------------------

@@ -7,7 +7,9 @@
 - per variant against the baseline: sacreBLEU's paired bootstrap resampling (1,000 samples) of
   each seed's test translations against the baseline's of the same seed, as p-values;
 - the claims of the grid with their verdicts (``training/compare/stats.py``), and the analysis
-  rows that this tool does not compute, marked pending;
+  rows (``training/compare/analyses.py``) from the cached measurements of ``analyses.json``: the
+  effect's interval over seeds and its verdict, the per-seed measurements, the fusion-weight
+  heatmap; a row whose cells are not done or not analysed yet is pending and says which;
 - learning curves (``curves_<claim>.png``): train loss, validation loss and validation BLEU
   against the step, the mean over seeds as a line and the range over seeds as a band.
 
@@ -24,6 +26,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .analyses import AnalysisRow, analysis_rows, detail_section, plot_heatmap, read_cache
+from .analyses import others as analysis_others
+from .analyses import ours as analysis_ours
 from .grid import REPO_ROOT, Grid, cell_hash
 from .runner import RESULTS_NAME, read_results
 from .stats import LOWER_IS_BETTER, Interval, mean_interval, verdict
@@ -37,7 +42,7 @@ METRIC_NAMES = {"bleu": "BLEU", "chrf": "chrF", "nll": "NLL"}
 SIGNIFICANCE = 0.05
 
 
-def _group(records: dict[str, dict[str, Any]]) -> dict[tuple[str, str, str], dict[int, dict[str, Any]]]:
+def group_records(records: dict[str, dict[str, Any]]) -> dict[tuple[str, str, str], dict[int, dict[str, Any]]]:
     """Records by (corpus, budget, variant), then by seed."""
     groups: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = defaultdict(dict)
     for record in records.values():
@@ -151,9 +156,8 @@ def _ours(row: dict[str, Any]) -> str:
     )
 
 
-def claims_table(rows: list[dict[str, Any]], link: str, analyses: list[dict[str, Any]] = ()) -> str:
-    """The Markdown claims table (README and report); ``analyses`` are the rows this tool does not
-    compute, listed as pending with what they need."""
+def claims_table(rows: list[dict[str, Any]], link: str, analyses: list[AnalysisRow] = ()) -> str:
+    """The Markdown claims table (README and report): the claims, then the analysis rows."""
     lines = [
         "| paper | claim | paper's number | ours (mean ± 95% CI) | verdict | same test on the other metrics |",
         "|---|---|---|---|---|---|",
@@ -167,7 +171,11 @@ def claims_table(rows: list[dict[str, Any]], link: str, analyses: list[dict[str,
             f"[{row['verdict']}]({link}) | {others} |"
         )
     for row in analyses:
-        lines.append(f"| {row['paper']} | {row['claim']} | | needs {row['needs']} | pending | |")
+        analysis = row.analysis
+        lines.append(
+            f"| {analysis.paper} | {analysis.claim} | {analysis.paper_number} | {analysis_ours(row)} | "
+            f"[{row.verdict}]({link}) | {analysis_others(row)} |"
+        )
     return "\n".join(lines)
 
 
@@ -288,13 +296,16 @@ def write_report(grid: Grid, results_dir: Path, readme: Path | None = None) -> P
     """Write ``report.md`` (and the curves) from the current records of the results file; update
     the README's table."""
     records, stale = current_records(grid, read_results(results_dir / RESULTS_NAME))
-    groups = _group(records)
+    groups = group_records(records)
     cache_file = results_dir / BOOTSTRAP_CACHE
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     tests = bootstrap_tests(results_dir, groups, grid.baseline, cache)
     results_dir.mkdir(parents=True, exist_ok=True)
     cache_file.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
     rows = claim_rows(grid, groups)
+    analyses = analysis_rows(grid, groups, read_cache(results_dir))
+    for row in analyses:
+        row.scale = scale_of(grid, row.analysis.variants[0], row.corpus, row.budget)
     total = len(grid.cells())
     grid_file = os.path.relpath(grid.path, REPO_ROOT) if grid.path else grid.name
     lines = [
@@ -318,10 +329,11 @@ def write_report(grid: Grid, results_dir: Path, readme: Path | None = None) -> P
         "",
         "## Claims",
         "",
-        claims_table(rows, "#claims", grid.analyses),
+        claims_table(rows, "#claims", analyses),
         "",
-        ("Analysis rows: **pending** (computed outside this tool, on the kept checkpoints of the cells named: "
-        f"the checkpoints of {', '.join(grid.keep_checkpoints) or 'no variant'} stay in the work folder)."),
+        ("Analysis rows: measured by `hf-fusion compare GRID --analyses` on the exported models of the finished "
+        "cells (`training/compare/analyses.py`), cached per cell hash in `analyses.json`; the effect per seed is "
+        "tested like a claim's paired difference (details and heatmaps under [Analyses](#analyses))."),
         "",
     ]
     for corpus in grid.corpora:
@@ -331,11 +343,16 @@ def write_report(grid: Grid, results_dir: Path, readme: Path | None = None) -> P
                 name = f"curves_{claim['id']}_{corpus}_{budget.name}.png"
                 if plot_claim_curves(groups, claim, corpus, budget.name, results_dir / name):
                     lines += [f"![{claim['claim']}]({name})", ""]
+    if analyses:
+        lines += ["## Analyses", ""]
+        for row in analyses:
+            name = f"analysis_{row.analysis.id}_{row.corpus}_{row.budget}.png"
+            lines += detail_section(row, name if plot_heatmap(row, results_dir / name) else None)
     report = results_dir / REPORT_NAME
     report.write_text("\n".join(lines), encoding="utf-8")
     if readme is not None:
         link = os.path.relpath(report, readme.resolve().parent)
-        update_readme(readme, claims_table(rows, link, grid.analyses), f"{len(records)} of {total}", link)
+        update_readme(readme, claims_table(rows, link, analyses), f"{len(records)} of {total}", link)
     return report
 
 
