@@ -12,7 +12,7 @@ other checkpoints.
     hf-fusion transfer TEACHER OUTPUT_DIR [--sharing_strategy S] [...] [--model_config.FIELD value ...]
     hf-fusion pretrain-e2s2 --model M --tokenizer TOK --train_files F ... [--key value ...]
         [--model_config.FIELD value ...]
-    hf-fusion compare GRID.yaml [--work_dir D] [--max_cells N] [--status] [--report_only] [--readme README.md]
+    hf-fusion compare GRID.yaml [--work_dir D] [--max_cells N] [--status] [--analyses] [--report_only] [--readme README.md]
 
 ``CONFIG.yaml`` is an experiment file (see ``training/configs/``); ``--key value`` overrides any of
 its keys, ``hf-fusion train --help`` lists them all; ``--model_config.FIELD value`` sets a config
