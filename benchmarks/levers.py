@@ -86,7 +86,7 @@ class Lever:
 
 LEVERS: dict[str, Lever] = {
     "fused_qkv": Lever(
-        "self-attention Q/K/V and cross-attention K/V as one matrix product each (layers.fused_linear; in the code)",
+        "self-attention Q/K/V and cross-attention K/V as one matrix product each (layers.fused_linear): the code fuses them in inference only, so its training rows compare the same path",
         off=unfused_projections,
     ),
     "fused_cross_entropy": Lever(

@@ -255,10 +255,12 @@ def fused_linear(hidden_states: torch.Tensor, projections: tuple[nn.Linear, ...]
 
     The weights are concatenated on every call rather than stored fused: the parameters, and so
     the checkpoint keys (BART's ``q_proj`` / ``k_proj`` / ``v_proj``), stay exactly as they are,
-    and every saved or converted checkpoint loads unchanged. The copy is of the weights only
-    (``3 d^2`` values), against one GEMM instead of three over ``tokens x d`` activations: at the
-    CPU benchmark size the training step was about 7% faster (best of 20 interleaved steps, one
-    thread; ``benchmarks/levers.py`` repeats the comparison).
+    and every saved or converted checkpoint loads unchanged. Only used where no gradient is
+    recorded (generation, evaluation): in training, autograd keeps the concatenated weights for
+    the backward pass, ``3 d^2`` values per attention (at the papers' size all of the 4% by which
+    the core's peak training memory exceeded BART's), and on a quiet CPU the fused training step
+    was no faster (``benchmarks/levers.py``). Fewer, larger kernel launches per decoding step are
+    what it is kept for.
 
     Args:
         hidden_states: (batch, len, d_in).
@@ -338,7 +340,10 @@ class FusionAttention(nn.Module):
         if isinstance(past_key_values, EncoderDecoderCache):
             cache = past_key_values.cross_attention_cache if is_cross else past_key_values.self_attention_cache
         cross_cached = is_cross and cache is not None and past_key_values.is_updated.get(cache_idx, False)
-        fused = self.fuse_projections and not cross_cached and (not is_cross or value_states is None)
+        fused = (
+            not torch.is_grad_enabled() and self.fuse_projections and not cross_cached
+            and (not is_cross or value_states is None)
+        )
 
         if fused and not is_cross:
             query, key, value = fused_linear(hidden_states, (self.q_proj, self.k_proj, self.v_proj))

@@ -18,7 +18,6 @@ from hf_fusion.layers import kernel_mask
 from tests.helpers import FAMILIES, build_tiny, random_batch
 
 
-
 def logits_and_cached_generation(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher-forced logits, and greedy generation's tokens and per-step logits (cached)."""
     source = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -130,3 +129,35 @@ def test_bf16_training_step_on_cpu(model_type: str) -> None:
     torch.testing.assert_close(loss, reference.detach(), atol=0.05, rtol=0.02)
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
+
+
+def test_projections_fuse_only_where_no_gradient_is_recorded(monkeypatch) -> None:
+    """Fused Q/K/V products would keep their concatenated weights for the backward pass (more
+    training memory than BART for no speed), so training runs the three projections; inference
+    fuses them, with the unfused path's numbers; and a hook on one projection is never bypassed."""
+    from hf_fusion import layers
+
+    calls = []
+    original = layers.fused_linear
+
+    def counting(hidden_states, projections):
+        calls.append(len(projections))
+        return original(hidden_states, projections)
+
+    monkeypatch.setattr(layers, "fused_linear", counting)
+    model = build_tiny("fusion_transformer").eval()
+    batch = random_batch()
+    trained = model(**batch).logits
+    assert calls == []
+    with torch.no_grad():
+        inferred = model(**batch).logits
+    layer_count = model.config.encoder_layers + model.config.decoder_layers
+    assert calls.count(3) == layer_count and calls.count(2) == model.config.decoder_layers  # self Q/K/V, cross K/V
+    torch.testing.assert_close(inferred, trained.detach(), rtol=1e-5, atol=1e-5)
+
+    calls.clear()
+    seen = []
+    model.model.encoder.layers[0].self_attn.q_proj.register_forward_hook(lambda *args: seen.append(True))
+    with torch.no_grad():
+        model(**batch)
+    assert seen == [True] and calls.count(3) == layer_count - 1
