@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 import time
@@ -35,7 +34,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from transformers.generation import CompileConfig
 
-from benchmarks.speed import RESULTS, SIZES, build, generation_tokens_per_s, load_sample, make_batch, train_step
+from benchmarks.speed import (
+    RESULTS,
+    SIZES,
+    build,
+    generation_tokens_per_s,
+    load_sample,
+    make_batch,
+    train_step,
+    write_results,
+)
 from hf_fusion import heads
 from hf_fusion.layers import FusionAttention
 
@@ -212,13 +220,8 @@ def main(argv: list[str] | None = None) -> None:
                             "batch": batch_args, "size": args.size, "new_tokens": args.new_tokens, "torch": torch.__version__}
     results = {name: measure_lever(name, args.rounds, batch_args, args.new_tokens, args.size) for name in args.levers}
     meta["load_after"] = load_sample()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = "levers_cpu" + ("" if args.size == "bench" else f"_{args.size}")
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    markdown = to_markdown(meta, results)
-    (out / f"{stem}.md").write_text(markdown)
-    print(markdown)
+    write_results(Path(args.out), stem, {"meta": meta, "results": results}, to_markdown(meta, results))
 
 
 if __name__ == "__main__":

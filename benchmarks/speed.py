@@ -409,6 +409,15 @@ def speed_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def write_results(out: Path, stem: str, report: dict, markdown: str) -> None:
+    """Write a benchmark's ``STEM.json`` (the measurements) and ``STEM.md`` (its table) into
+    ``out`` and print the table: every benchmark script's results file pair."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown)
+    print(markdown)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -434,13 +443,8 @@ def main() -> None:
         parser.error(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
     names = ["bart"] + [name for name in args.variants if name != "bart"]
     report = run(names, args.device, args.size, args.rounds, batch_args, args.new_tokens, args.steps, args.attn, not args.no_memory)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"speed_{args.device}" + ("" if args.size == "bench" else f"_{args.size}")
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = to_markdown(report)
-    (out / f"{stem}.md").write_text(markdown)
-    print(markdown)
+    write_results(Path(args.out), stem, report, to_markdown(report))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Usage: ``python benchmarks/throughput.py [--size paper] [--out benchmarks/result
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.speed import RESULTS, SIZES, VARIANTS, build, flop_counter, load_sample, make_batch, sync
+from benchmarks.speed import RESULTS, SIZES, VARIANTS, build, flop_counter, load_sample, make_batch, sync, write_results
 
 H100_BF16_DENSE_TFLOPS = 989.0
 
@@ -128,12 +127,7 @@ def main() -> None:
     args = parser.parse_args()
     names = ["bart"] + [name for name in args.variants if name != "bart"]
     report = run(names, args.device, args.size, (args.batch, args.src_len, args.tgt_len), args.rounds, args.steps, args.peak_tflops)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"throughput_{args.device}.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = to_markdown(report)
-    (out / f"throughput_{args.device}.md").write_text(markdown)
-    print(markdown)
+    write_results(Path(args.out), f"throughput_{args.device}", report, to_markdown(report))
 
 
 if __name__ == "__main__":
